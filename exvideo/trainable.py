@@ -1,0 +1,39 @@
+"""The parameters ExVideo post-tunes, and freezing everything else.
+
+The trainable set is, per spatio-temporal transformer: its temporal transformer blocks (with their new 3D
+convolutions), its frame-position MLP (`time_pos_embed`) and its position table (`time_proj.embeddings`).
+Spatial blocks, temporal ResNet blocks, mixers, the VAE and the image encoder stay frozen. On the SVD-XT config this
+is 832,956,800 parameters in 528 tensors.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from exvideo.unet import extended_num_frames, spatio_temporal_transformers
+
+TRAINABLE_CHILDREN = ("temporal_transformer_blocks.", "time_pos_embed.", "time_proj.")
+
+
+def trainable_parameters(unet: nn.Module) -> dict[str, nn.Parameter]:
+    """Name -> parameter of exactly the tensors ExVideo post-tunes, in module order.
+
+    The UNet must have been extended (`extend_unet`) first: the position tables are part of the set.
+    """
+    if extended_num_frames(unet) is None:
+        raise ValueError("UNet is not extended; call exvideo.extend_unet(unet, num_frames=...) first")
+    selected = {}
+    for prefix, transformer in spatio_temporal_transformers(unet).items():
+        for name, param in transformer.named_parameters():
+            if name.startswith(TRAINABLE_CHILDREN):
+                selected[f"{prefix}.{name}"] = param
+    return selected
+
+
+def freeze_for_post_tuning(unet: nn.Module) -> dict[str, nn.Parameter]:
+    """Freeze every UNet parameter except the ExVideo trainable set; return that set."""
+    trainable = trainable_parameters(unet)
+    keep = {id(p) for p in trainable.values()}
+    for param in unet.parameters():
+        param.requires_grad_(id(param) in keep)
+    return trainable

@@ -1,0 +1,225 @@
+"""ExVideo extension of diffusers' Stable Video Diffusion UNet.
+
+ExVideo post-tunes only the temporal modules of SVD so that it makes videos longer than the 25 frames it was
+trained on. Per `TransformerSpatioTemporalModel` it changes two things:
+
+* the sinusoid of the frame index (`time_proj`) becomes a trainable table `[num_frames, C]`, initialised with the
+  sinusoid at *cyclic* position ids, and still feeds the existing frame-position MLP (`time_pos_embed`);
+* an identity-initialised `Conv3d(C, C, 3, padding=1, padding_mode="reflect")` runs over (C, T, H, W) after the
+  position embedding is added and before the temporal transformer block. It is not residual.
+
+The conversion is in place: each transformer keeps its diffusers parameter names and gains
+`time_proj.embeddings` and `temporal_transformer_blocks.N.positional_conv.{weight,bias}`. Because the table
+reproduces the sinusoid for frames 0-24 and the convolution starts as the identity, the extended UNet computes
+exactly what the base UNet computes for any clip of at most 25 frames.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNetSpatioTemporalConditionModel
+from diffusers.models.transformers.transformer_temporal import (
+    TransformerSpatioTemporalModel,
+    TransformerTemporalModelOutput,
+)
+from torch import nn
+
+# SVD was trained on 25 frames; ExVideo keeps positions 0..24 and bounces later frames between 24 and 4.
+BASE_FRAMES = 25
+CYCLE_LOW = 4
+CONFIG_KEY = "exvideo_num_frames"
+
+
+def cyclic_position_ids(num_frames: int, base_frames: int = BASE_FRAMES, low: int = CYCLE_LOW) -> list[int]:
+    """Position ids ExVideo initialises its table with: 0..base-1, then back and forth between base-1 and `low`.
+
+    For 128 frames this is the list in `shared/reference/exvideo_position_ids_128.txt` (25 -> 23, 44 -> 4, 64 -> 24).
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+    top = base_frames - 1
+    span = top - low
+    ids = []
+    for i in range(num_frames):
+        if i <= top:
+            ids.append(i)
+            continue
+        k = (i - top) % (2 * span)
+        ids.append(top - k if k <= span else low + (k - span))
+    return ids
+
+
+class FramePositionTable(nn.Module):
+    """Learned replacement for the sinusoidal frame-index projection: one row per frame."""
+
+    def __init__(self, embeddings: torch.Tensor):
+        super().__init__()
+        self.embeddings = nn.Parameter(embeddings)
+
+    @property
+    def num_frames(self) -> int:
+        return self.embeddings.shape[0]
+
+    def forward(self, frame_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings[frame_ids]
+
+
+def reflect_conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 3x3x3 convolution with reflect padding of 1, replicating dimensions of size 1.
+
+    Reflect padding is undefined for a dimension of size 1 (a single frame, or a 1x1 latent in a tiny model);
+    replicating it there keeps the identity initialisation exact at every size.
+    """
+    _, _, t, h, w = x.shape
+    singleton = (w == 1, w == 1, h == 1, h == 1, t == 1, t == 1)
+    if any(singleton):
+        x = F.pad(x, [int(s) for s in singleton], mode="replicate")
+        reflect = [0 if s else 1 for s in singleton]
+    else:
+        reflect = [1] * 6
+    if any(reflect):
+        x = F.pad(x, reflect, mode="reflect")
+    return F.conv3d(x, conv.weight, conv.bias)
+
+
+class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
+    """`TransformerSpatioTemporalModel` with ExVideo's position table and 3D convolution.
+
+    Instances are never constructed directly: `extend_unet` converts diffusers' own modules in place, so parameter
+    names, configs and every other behaviour stay diffusers'.
+    """
+
+    time_proj: FramePositionTable
+
+    def _temporal_step(
+        self,
+        temporal_block: nn.Module,
+        hidden_states: torch.Tensor,
+        emb: torch.Tensor,
+        time_context: torch.Tensor,
+        batch_size: int,
+        num_frames: int,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        channels = hidden_states.shape[-1]
+        mix = hidden_states + emb
+        # [B*T, H*W, C] -> [B, C, T, H, W] for the convolution over time and space, then back.
+        video = mix.reshape(batch_size, num_frames, height, width, channels).permute(0, 4, 1, 2, 3)
+        video = reflect_conv3d(temporal_block.positional_conv, video)
+        mix = video.permute(0, 2, 3, 4, 1).reshape(batch_size * num_frames, height * width, channels)
+        return temporal_block(mix, num_frames=num_frames, encoder_hidden_states=time_context)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        image_only_indicator: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> TransformerTemporalModelOutput | tuple[torch.Tensor]:
+        batch_frames, _, height, width = hidden_states.shape
+        num_frames = image_only_indicator.shape[-1]
+        batch_size = batch_frames // num_frames
+        if num_frames > self.time_proj.num_frames:
+            raise ValueError(
+                f"asked for {num_frames} frames but the ExVideo position table holds {self.time_proj.num_frames}; "
+                f"extend the UNet with extend_unet(unet, num_frames={num_frames}) or load an adapter trained for "
+                "that many frames"
+            )
+
+        # Cross-attention over time sees only the first frame's context, as in diffusers' SVD.
+        context = encoder_hidden_states.reshape(batch_size, num_frames, -1, encoder_hidden_states.shape[-1])[:, 0]
+        time_context = context[:, None].expand(batch_size, height * width, *context.shape[1:])
+        time_context = time_context.reshape(batch_size * height * width, *context.shape[1:])
+
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states)
+        inner_dim = hidden_states.shape[1]
+        hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(batch_frames, height * width, inner_dim)
+        hidden_states = self.proj_in(hidden_states)
+
+        positions = self.time_proj.embeddings[:num_frames].to(hidden_states.dtype)
+        emb = self.time_pos_embed(positions).repeat(batch_size, 1)[:, None, :]
+
+        checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
+        for block, temporal_block in zip(self.transformer_blocks, self.temporal_transformer_blocks):
+            # Unlike diffusers, the temporal step is checkpointed too: at 128 frames it holds most activations.
+            if checkpointing:
+                hidden_states = self._gradient_checkpointing_func(block, hidden_states, None, encoder_hidden_states)
+                mix = self._gradient_checkpointing_func(
+                    self._temporal_step, temporal_block, hidden_states, emb, time_context,
+                    batch_size, num_frames, height, width,
+                )
+            else:
+                hidden_states = block(hidden_states, encoder_hidden_states=encoder_hidden_states)
+                mix = self._temporal_step(
+                    temporal_block, hidden_states, emb, time_context, batch_size, num_frames, height, width
+                )
+            hidden_states = self.time_mixer(
+                x_spatial=hidden_states, x_temporal=mix, image_only_indicator=image_only_indicator
+            )
+
+        hidden_states = self.proj_out(hidden_states)
+        hidden_states = hidden_states.reshape(batch_frames, height, width, inner_dim).permute(0, 3, 1, 2)
+        output = hidden_states.contiguous() + residual
+        if not return_dict:
+            return (output,)
+        return TransformerTemporalModelOutput(sample=output)
+
+
+def spatio_temporal_transformers(unet: nn.Module) -> dict[str, TransformerSpatioTemporalModel]:
+    """Every `TransformerSpatioTemporalModel` of a UNet, by module name, in forward order."""
+    return {name: m for name, m in unet.named_modules() if isinstance(m, TransformerSpatioTemporalModel)}
+
+
+def extended_num_frames(unet: nn.Module) -> int | None:
+    """Length of the UNet's ExVideo position tables, or None if it has not been extended."""
+    lengths = {m.time_proj.num_frames for m in spatio_temporal_transformers(unet).values()
+               if isinstance(m, ExVideoTransformerSpatioTemporalModel)}
+    if not lengths:
+        return None
+    if len(lengths) > 1:
+        raise ValueError(f"UNet holds position tables of different lengths {sorted(lengths)}; it is corrupt")
+    return lengths.pop()
+
+
+def _extend_transformer(transformer: TransformerSpatioTemporalModel, ids: torch.Tensor) -> None:
+    anchor = transformer.proj_in.weight
+    # The sinusoid diffusers evaluates at frame indices, evaluated once at the cyclic ids, becomes the table.
+    with torch.no_grad():
+        table = transformer.time_proj(ids.to(anchor.device)).to(anchor.dtype)
+    transformer.time_proj = FramePositionTable(table)
+    for temporal_block in transformer.temporal_transformer_blocks:
+        channels = temporal_block.norm1.normalized_shape[0]
+        conv = nn.Conv3d(channels, channels, kernel_size=3, padding=1, padding_mode="reflect",
+                         device=anchor.device, dtype=anchor.dtype)
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[:, :, 1, 1, 1] = torch.eye(channels, device=anchor.device, dtype=anchor.dtype)
+            conv.bias.zero_()
+        temporal_block.positional_conv = conv
+    transformer.__class__ = ExVideoTransformerSpatioTemporalModel
+
+
+def extend_unet(unet: UNetSpatioTemporalConditionModel, num_frames: int = 128) -> UNetSpatioTemporalConditionModel:
+    """Convert a diffusers SVD UNet to ExVideo in place and return it.
+
+    Works on any `UNetSpatioTemporalConditionModel` config (tiny or SVD-XT) and on any device, `meta` included.
+    The UNet's config records `exvideo_num_frames`, so `exvideo.load_unet` can rebuild it from `save_pretrained`.
+    """
+    if not isinstance(unet, UNetSpatioTemporalConditionModel):
+        raise TypeError(f"extend_unet needs a diffusers UNetSpatioTemporalConditionModel, got {type(unet).__name__}")
+    current = extended_num_frames(unet)
+    if current is not None:
+        if current != num_frames:
+            raise ValueError(f"UNet is already extended to {current} frames; cannot re-extend to {num_frames}")
+        return unet
+    transformers = spatio_temporal_transformers(unet)
+    if not transformers:
+        raise ValueError("UNet has no TransformerSpatioTemporalModel to extend")
+    ids = torch.tensor(cyclic_position_ids(num_frames))
+    for transformer in transformers.values():
+        _extend_transformer(transformer, ids)
+    unet.register_to_config(**{CONFIG_KEY: num_frames})
+    return unet

@@ -1,0 +1,1 @@
+"""Workflows that chain the stages, and the `exvideo` command line."""

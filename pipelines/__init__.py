@@ -1,0 +1,1 @@
+"""The stages after preprocessing: train (Ray Train), generate, evaluate."""

@@ -1,0 +1,1 @@
+"""Corpus -> shards: Ray Data preprocessing of video corpora into WebDataset latent shards."""

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny real models of the SVD classes and the reference data copied from shared/reference."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from exvideo import tiny_svd_components, write_tiny_svd
+
+REFERENCE = Path(__file__).parent / "data" / "reference"
+
+
+@pytest.fixture(scope="session")
+def tiny_svd_dir(tmp_path_factory) -> Path:
+    """A tiny random SVD checkpoint written in diffusers format, shared by the whole session (read-only)."""
+    return write_tiny_svd(tmp_path_factory.mktemp("models") / "tiny-svd")
+
+
+@pytest.fixture
+def tiny_unet():
+    """A fresh tiny base UNet (SVD topology) for tests that modify it."""
+    return copy.deepcopy(_tiny_unet_template())
+
+
+_TEMPLATE = {}
+
+
+def _tiny_unet_template():
+    if "unet" not in _TEMPLATE:
+        _TEMPLATE["unet"] = tiny_svd_components(seed=0).unet
+    return _TEMPLATE["unet"]
+
+
+def unet_inputs(num_frames: int, batch: int = 1, size: int = 8, seed: int = 0) -> dict:
+    """Random UNet inputs for the tiny config: 8 input channels, 32-d image embedding, 3 added time ids."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(batch, num_frames, 8, size, size, generator=g),
+        "timestep": torch.tensor([0.25] * batch),
+        "encoder_hidden_states": torch.randn(batch, 1, 32, generator=g),
+        "added_time_ids": torch.tensor([[29.0, 127.0, 0.02]] * batch),
+    }

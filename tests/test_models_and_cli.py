@@ -1,0 +1,83 @@
+"""Local checkpoint loading (no downloads), the tiny-model writer, typed configs and the demo command."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
+from safetensors import safe_open
+from transformers import CLIPVisionModelWithProjection
+
+from exvideo import extended_num_frames, load_svd, write_tiny_svd
+from orchestration.cli import main
+from orchestration.config import ConfigError, load_config
+from orchestration.demo import DemoConfig
+
+
+def test_load_svd_reads_every_component(tiny_svd_dir):
+    svd = load_svd(tiny_svd_dir)
+    assert isinstance(svd.unet, UNetSpatioTemporalConditionModel)
+    assert isinstance(svd.vae, AutoencoderKLTemporalDecoder)
+    assert isinstance(svd.image_encoder, CLIPVisionModelWithProjection)
+    assert isinstance(svd.scheduler, EulerDiscreteScheduler)
+    assert svd.scheduler.config.prediction_type == "v_prediction" and svd.scheduler.config.use_karras_sigmas
+    assert list(svd.unet.config.block_out_channels) == [32, 64, 64, 64]
+    assert extended_num_frames(svd.unet) is None
+    assert not any(p.requires_grad for p in svd.unet.parameters())
+    with torch.no_grad():  # the VAE keeps SVD's 8x spatial downsampling and 4 latent channels
+        assert svd.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode().shape == (1, 4, 8, 8)
+
+
+def test_same_seed_same_weights(tmp_path):
+    a = write_tiny_svd(tmp_path / "a", seed=3)
+    b = write_tiny_svd(tmp_path / "b", seed=3)
+    name = "unet/diffusion_pytorch_model.safetensors"
+    with safe_open(str(a / name), "pt") as fa, safe_open(str(b / name), "pt") as fb:
+        assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
+
+
+def test_missing_checkpoint_and_component_are_named(tiny_svd_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        load_svd(tmp_path / "nowhere")
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_svd_dir, partial)
+    shutil.rmtree(partial / "vae")
+    with pytest.raises(FileNotFoundError, match=r"lacks component folders \['vae'\]"):
+        load_svd(partial)
+
+
+def test_tiny_writer_refuses_to_overwrite(tmp_path):
+    write_tiny_svd(tmp_path / "m")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_tiny_svd(tmp_path / "m")
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folder left behind
+
+
+def test_config_overrides_and_precise_errors(tmp_path):
+    cfg = load_config(DemoConfig, None, ["num_frames=40", "workdir=/tmp/x"])
+    assert cfg.num_frames == 40 and str(cfg.workdir) == "/tmp/x"
+    with pytest.raises(ConfigError, match=r"num_frames: Input should be less than or equal to 128 \(got 500\)"):
+        load_config(DemoConfig, None, ["num_frames=500"])
+    with pytest.raises(ConfigError, match="frames: Extra inputs are not permitted"):
+        load_config(DemoConfig, None, ["frames=4"])
+    (tmp_path / "bad.yaml").write_text("height: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(DemoConfig, tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_config(DemoConfig, None, ["num_frames"])
+
+
+def test_demo_command_generates_and_post_tunes(tmp_path, capsys):
+    assert main(["demo", "--set", f"workdir={tmp_path}", "--set", "num_frames=32", "--set", "train_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "denoised a 32-frame latent video in 3 steps: shape (1, 32, 4, 8, 8)" in out
+    assert "post-tuned 528 tensors" in out
+    assert (tmp_path / "adapter.safetensors").is_file()
+    assert (tmp_path / "tiny-svd" / "model_index.json").is_file()
+
+
+def test_cli_reports_bad_config_without_traceback(capsys):
+    assert main(["demo", "--set", "steps=0"]) == 2
+    assert "steps: Input should be greater than or equal to 1" in capsys.readouterr().err
