@@ -136,12 +136,9 @@ def adapter_state_dict(unet: nn.Module, layout: str = "diffusers") -> dict[str, 
     raise ValueError(f"unknown adapter layout {layout!r}; use 'diffusers' or 'reference'")
 
 
-def save_adapter(unet: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                 base_model: str = "") -> Path:
-    """Write the trainable tensors of `unet` with metadata to a safetensors file, atomically."""
-    path = Path(path)
-    tensors = {name: t.to("cpu", dtype or t.dtype).contiguous() for name, t in adapter_state_dict(unet).items()}
-    metadata = {
+def adapter_metadata(unet: nn.Module, base_model: str = "") -> dict[str, str]:
+    """The metadata an adapter of `unet` carries: format, num_frames and what base it fits."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "num_frames": str(extended_num_frames(unet)),
@@ -149,11 +146,24 @@ def save_adapter(unet: nn.Module, path: str | os.PathLike, dtype: torch.dtype | 
         "base_fingerprint": base_fingerprint(unet),
         "base_model": base_model,
     }
+
+
+def write_adapter(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str],
+                  dtype: torch.dtype | None = None) -> Path:
+    """Write adapter tensors (diffusers names) and metadata to a safetensors file, atomically."""
+    path = Path(path)
+    tensors = {name: t.detach().to("cpu", dtype or t.dtype).contiguous() for name, t in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
+
+
+def save_adapter(unet: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                 base_model: str = "") -> Path:
+    """Write the trainable tensors of `unet` with metadata to a safetensors file, atomically."""
+    return write_adapter(adapter_state_dict(unet), path, adapter_metadata(unet, base_model), dtype)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -21,6 +21,12 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(load_config(DemoConfig, args.config, args.overrides))
 
 
+def _train(args: argparse.Namespace) -> None:
+    from pipelines.train import TrainConfig, run_training
+
+    run_training(load_config(TrainConfig, args.config, args.overrides))
+
+
 def _make_tiny_model(args: argparse.Namespace) -> None:
     from exvideo import write_tiny_svd
 
@@ -34,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the main job on embedded defaults (tiny models, CPU)")
     _add_config_args(demo)
     demo.set_defaults(func=_demo)
+
+    train = commands.add_parser("train", help="post-tune the temporal modules on latent shards (Ray Train)")
+    _add_config_args(train)
+    train.set_defaults(func=_train)
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random SVD checkpoint in diffusers format")
     tiny.add_argument("path", type=Path)

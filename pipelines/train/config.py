@@ -1,0 +1,67 @@
+"""The training stage's configuration: one typed object, the single source of truth for a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from orchestration.config import StageConfig
+
+
+class TrainConfig(StageConfig):
+    """Post-tuning of the ExVideo temporal modules on cached latent shards.
+
+    A run is identified by `storage_path` / `name`: re-running the same command resumes it from its latest checkpoint.
+    """
+
+    svd_dir: Path = Field(description="local diffusers-format SVD checkpoint (only its unet/ is loaded)")
+    shards: str = Field(description="shard directory, glob ('data/*.tar') or brace pattern ('shard-{000..009}.tar')")
+    storage_path: Path = Path("runs/train")
+    name: str = "exvideo"
+
+    num_frames: int = Field(128, ge=2, description="length of the position tables (the longest video it can make)")
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(1, ge=1, description="clips per worker per step")
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    cond_dropout: float = Field(0.0, ge=0, le=1, description="probability of dropping the image conditioning (CFG)")
+    ema_decay: float | None = Field(0.9, gt=0, lt=1, description="EMA of trainable weights, updated at checkpoints")
+    seed: int = 0
+    shuffle_buffer: int = Field(0, ge=0, description="samples held for shuffling within a worker's stream (0: off)")
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: frozen weights in bf16, autocast forward")
+    gradient_checkpointing: bool = True
+    zero_optimizer: bool = Field(False, description="shard AdamW state across workers (ZeroRedundancyOptimizer)")
+
+    checkpoint_every: int = Field(100, ge=1)
+    keep_last: int = Field(3, ge=1, description="checkpoints kept besides the best adapter")
+    max_failures: int = Field(2, ge=-1, description="worker failures to recover from (-1: unlimited)")
+    max_nonfinite: int = Field(5, ge=1, description="consecutive non-finite steps before the run stops")
+    log_every: int = Field(10, ge=1)
+
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite file in storage_path")
+    experiment: str = "exvideo-train"
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.zero_optimizer and self.num_workers < 2:
+            raise ValueError("zero_optimizer shards optimizer state across workers; it needs num_workers >= 2")
+        if self.precision == "bf16" and not self.use_gpu:
+            raise ValueError("precision bf16 is for GPUs; on CPU use precision=fp32")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.storage_path / self.name
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{(self.storage_path / 'mlflow.db').resolve()}"

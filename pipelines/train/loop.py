@@ -1,0 +1,222 @@
+"""The per-worker training recipe, run by Ray Train on every worker. Reads top to bottom:
+
+model -> resume -> data stream -> steps (loss, backward, clip, skip non-finite, AdamW) -> log -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from exvideo import LatentBatch, extend_unet, freeze_for_post_tuning, load_unet, post_tuning_loss
+from exvideo.adapter import adapter_metadata, write_adapter
+from exvideo.samples import collate
+from pipelines.train.config import TrainConfig
+from pipelines.train.data import StreamStats, list_shards, rank_stream
+from pipelines.train.state import EMA, TrainState, load_checkpoint, save_checkpoint
+
+BEST_ADAPTER = "best_adapter.safetensors"
+REPLICA_FILE = "replica-{rank}.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def build_unet(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+    """Base UNet from disk, extended and frozen; frozen weights in bf16 if asked, trainable ones in fp32."""
+    unet = load_unet(cfg.svd_dir)
+    extend_unet(unet, cfg.num_frames)
+    trainable = freeze_for_post_tuning(unet)
+    if cfg.precision == "bf16":
+        unet.to(torch.bfloat16)
+        for param in trainable.values():
+            param.data = param.data.float()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return unet.to(device), trainable
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    kwargs = {"lr": cfg.lr, "betas": cfg.betas, "weight_decay": cfg.weight_decay}
+    if cfg.zero_optimizer:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """Noise levels, noise and dropout of a step depend only on (seed, rank, step): resumed runs replay exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 100_003 + step)
+
+
+def drop_conditioning(batch: LatentBatch, probability: float, generator: torch.Generator) -> LatentBatch:
+    """Zero the image conditioning of some clips, so the model also learns the unconditional branch of CFG."""
+    if probability == 0:
+        return batch
+    keep = (torch.rand(batch.latents.shape[0], generator=generator) >= probability).float().to(batch.latents.device)
+    return LatentBatch(batch.latents, batch.cond_latent * keep[:, None, None, None],
+                       batch.image_embeds * keep[:, None, None], batch.added_time_ids)
+
+
+def weights_fingerprint(params) -> str:
+    """sha256 of the tensors' bytes: bitwise-equal weights, and only those, give equal fingerprints."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for param in params:
+            digest.update(param.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value, op=op)
+    return value
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train entry point. `loop_config`: {"config": TrainConfig as JSON, "mlflow_run_id": str}."""
+    cfg = TrainConfig.model_validate(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    print(f"[rank {rank}/{world}] host {socket.gethostname()} pid {os.getpid()} device {device}", flush=True)
+
+    unet, trainable = build_unet(cfg, device)
+    ema = EMA(trainable, cfg.ema_decay) if cfg.ema_decay else None
+    optimizer = make_optimizer(cfg, list(trainable.values()))
+    state = TrainState(mlflow_run_id=loop_config["mlflow_run_id"])
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            optimizer_state, state = load_checkpoint(Path(directory), unet, ema)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        print(f"[rank {rank}] resumed from step {state.step}", flush=True)
+    model = ray.train.torch.prepare_model(unet, parallel_strategy_kwargs={"find_unused_parameters": False})
+    frozen = [p for p in unet.parameters() if not p.requires_grad]
+    frozen_at_start = weights_fingerprint(frozen)
+
+    stats = StreamStats()
+    stream = rank_stream(list_shards(cfg.shards), rank, world, cfg.seed, start=state.clips_consumed,
+                         shuffle_buffer=cfg.shuffle_buffer, stats=stats)
+    tracking = rank == 0 and bool(state.mlflow_run_id)
+    if tracking:
+        mlflow.set_tracking_uri(cfg.resolved_tracking_uri)
+    base_model = str(cfg.svd_dir)
+    interval_losses: list[float] = []
+    step_times: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    while state.step < cfg.max_steps:
+        started = time.perf_counter()
+        generator = step_generator(cfg.seed, rank, state.step)
+        batch = collate([next(stream) for _ in range(cfg.batch_size)]).to(device)
+        batch = drop_conditioning(batch, cfg.cond_dropout, generator)
+        lr = cfg.lr * min(1.0, (state.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss = post_tuning_loss(model, batch, generator=generator)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.grad_clip or math.inf)
+        # Every rank must take the same decision, or DDP replicas drift apart.
+        finite = _all_reduce(torch.tensor([float(torch.isfinite(loss) and torch.isfinite(grad_norm))], device=device),
+                             dist.ReduceOp.MIN).item() == 1.0
+        if finite:
+            optimizer.step()
+            state.nonfinite_in_a_row = 0
+        else:
+            state.nonfinite_in_a_row += 1
+            state.nonfinite_total += 1
+            print(f"[rank {rank}] step {state.step + 1}: non-finite loss or gradient, step skipped "
+                  f"({state.nonfinite_in_a_row} in a row)", flush=True)
+            if state.nonfinite_in_a_row >= cfg.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{state.nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient (last at step "
+                    f"{state.step + 1}); check the shards for NaN latents or lower the learning rate"
+                )
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.clips_consumed += cfg.batch_size
+
+        mean_loss = _all_reduce(loss.detach().float().reshape(1)).item() / world
+        if finite:
+            interval_losses.append(mean_loss)
+        step_times.append(time.perf_counter() - started)
+        if rank == 0 and (state.step % cfg.log_every == 0 or state.step in (1, cfg.max_steps)):
+            recent = step_times[-cfg.log_every:]
+            step_time = sum(recent) / len(recent)
+            metrics = {
+                "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "step_time_s": step_time,
+                "samples_per_s": world * cfg.batch_size / step_time, "nonfinite_steps": state.nonfinite_total,
+                "bad_samples": stats.bad_samples, "bad_shards": len(stats.bad_shards),
+            }
+            if device.type == "cuda":
+                metrics["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if tracking:
+                mlflow.log_metrics(metrics, step=state.step, run_id=state.mlflow_run_id)
+            print(f"step {state.step}/{cfg.max_steps} loss {mean_loss:.4f} lr {lr:.2e} grad {float(grad_norm):.3f} "
+                  f"{metrics['samples_per_s']:.2f} clips/s ETA {_format_eta(step_time * (cfg.max_steps - state.step))}",
+                  flush=True)
+
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
+            replica = {"step": state.step, "trainable": weights_fingerprint(trainable.values()),
+                       "frozen": weights_fingerprint(frozen), "frozen_at_start": frozen_at_start}
+            _checkpoint(cfg, rank, unet, trainable, optimizer, state, ema, interval_losses, base_model, tracking,
+                        replica)
+            interval_losses = []
+
+
+def _checkpoint(cfg: TrainConfig, rank: int, unet: nn.Module, trainable: dict, optimizer: torch.optim.Optimizer,
+                state: TrainState, ema: EMA | None, interval_losses: list[float], base_model: str,
+                tracking: bool, replica: dict) -> None:
+    """Report a checkpoint (every rank calls ray.train.report: it is a barrier).
+
+    Rank 0 writes the training state; every rank adds a fingerprint of its weights (Ray merges the ranks' files
+    into one checkpoint directory), so the driver can verify that DDP replicas agree and frozen weights held.
+    """
+    if ema is not None:
+        ema.update(trainable)
+    if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO: gather the shards on rank 0 (collective)
+        optimizer.consolidate_state_dict(to=0)
+    interval_loss = sum(interval_losses) / len(interval_losses) if interval_losses else float("nan")
+    metrics = {"step": state.step, "interval_loss": interval_loss}
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / REPLICA_FILE.format(rank=rank)).write_text(json.dumps(replica))
+        if rank == 0:
+            state.history.append({"step": state.step, "interval_loss": interval_loss})
+            improved = interval_loss < state.best_loss
+            if improved:
+                state.best_loss = interval_loss
+            save_checkpoint(Path(directory), unet, optimizer.state_dict(), state, ema, base_model)
+            if improved:
+                cfg.run_dir.mkdir(parents=True, exist_ok=True)
+                write_adapter(trainable, cfg.run_dir / BEST_ADAPTER, adapter_metadata(unet, base_model),
+                              torch.float32)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=f"checkpoint-{state.step:08d}")
+    if tracking:
+        mlflow.log_metric("interval_loss", interval_loss, step=state.step, run_id=state.mlflow_run_id)

@@ -1,0 +1,153 @@
+"""The training stage's driver: MLflow run, Ray Train `TorchTrainer`, final artifacts and summary.
+
+Resuming is re-running the same config: Ray Train finds the run snapshot under `storage_path/name` and hands the
+latest checkpoint to the workers; the MLflow run id stored beside it keeps the metrics in one MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipelines.train.config import TrainConfig
+from pipelines.train.data import list_shards
+from pipelines.train.loop import BEST_ADAPTER, REPLICA_FILE, train_worker
+from pipelines.train.state import ADAPTER, EMA_ADAPTER, STATE
+
+RUN_ID_FILE = "mlflow_run_id.txt"
+FINAL_ADAPTER = "adapter.safetensors"
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run left its outputs."""
+
+    run_dir: Path
+    checkpoint_dir: Path
+    adapter: Path
+    best_adapter: Path | None
+    mlflow_run_id: str
+    steps: int
+    final_loss: float
+
+    def save(self, path: Path) -> None:
+        record = {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
+        path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
+        path.with_suffix(".tmp").replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainResult":
+        record = json.loads(path.read_text())
+        paths = ("run_dir", "checkpoint_dir", "adapter", "best_adapter")
+        return cls(**{k: Path(v) if k in paths and v is not None and v != "None" else v for k, v in record.items()})
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else key, item, out)
+    else:
+        out[prefix] = value
+
+
+def _mlflow_run(cfg: TrainConfig) -> str:
+    """Start the run's MLflow run, or return the one a previous attempt of this run started."""
+    mlflow.set_tracking_uri(cfg.resolved_tracking_uri)
+    id_file = cfg.run_dir / RUN_ID_FILE
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    mlflow.set_experiment(cfg.experiment)
+    params: dict = {}
+    _flatten("", cfg.model_dump(mode="json"), params)
+    with mlflow.start_run(run_name=cfg.name) as run:
+        mlflow.log_params(params)
+        mlflow.set_tag("exvideo.stage", "train")
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = id_file.with_suffix(".tmp")
+    tmp.write_text(run.info.run_id)
+    tmp.replace(id_file)
+    return run.info.run_id
+
+
+class ReplicaMismatchError(RuntimeError):
+    """Workers ended with different weights, or frozen weights changed: the run's result cannot be trusted."""
+
+
+def check_replicas(checkpoint_dir: Path, num_workers: int) -> list[dict]:
+    """Verify that every rank's trainable weights agree and no frozen weight moved; return the ranks' records."""
+    records = [json.loads((checkpoint_dir / REPLICA_FILE.format(rank=r)).read_text()) for r in range(num_workers)]
+    if len({r["trainable"] for r in records}) != 1:
+        raise ReplicaMismatchError(f"workers hold different trainable weights in {checkpoint_dir}: {records}")
+    if any(r["frozen"] != r["frozen_at_start"] for r in records):
+        raise ReplicaMismatchError(f"frozen weights changed during training ({checkpoint_dir}): {records}")
+    return records
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    """Train (or resume) the run `cfg.storage_path / cfg.name`; return where its outputs are."""
+    shards = list_shards(cfg.shards)  # fail before starting workers if there is nothing to read
+    if not (Path(cfg.svd_dir) / "unet" / "config.json").is_file() and not (Path(cfg.svd_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"svd_dir {cfg.svd_dir} holds no diffusers UNet (unet/config.json)")
+    finished = cfg.run_dir / RESULT_FILE
+    if finished.is_file():
+        previous = TrainResult.load(finished)
+        if previous.steps >= cfg.max_steps:
+            print(f"run {cfg.run_dir} already finished {previous.steps} steps (max_steps {cfg.max_steps}): "
+                  f"nothing to do; adapter {previous.adapter}")
+            return previous
+    cfg.storage_path.mkdir(parents=True, exist_ok=True)
+    run_id = _mlflow_run(cfg)
+    print(f"training run {cfg.run_dir} on {len(shards)} shards; MLflow run {run_id} at {cfg.resolved_tracking_uri}")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=str(cfg.storage_path.resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    checkpoint_dir = Path(result.checkpoint.path)
+    state = json.loads((checkpoint_dir / STATE).read_text())
+    check_replicas(checkpoint_dir, cfg.num_workers)
+    # A stable path for "the adapter of this run", whatever checkpoint it came from.
+    final = cfg.run_dir / FINAL_ADAPTER
+    shutil.copyfile(checkpoint_dir / ADAPTER, final.with_suffix(".tmp"))
+    final.with_suffix(".tmp").replace(final)
+    best = cfg.run_dir / BEST_ADAPTER
+
+    mlflow.set_tracking_uri(cfg.resolved_tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifact(str(final), artifact_path="adapter")
+        if (checkpoint_dir / EMA_ADAPTER).is_file():
+            mlflow.log_artifact(str(checkpoint_dir / EMA_ADAPTER), artifact_path="adapter")
+        mlflow.log_metric("final_step", state["step"])
+    history = state["history"]
+    outcome = TrainResult(
+        run_dir=cfg.run_dir, checkpoint_dir=checkpoint_dir, adapter=final,
+        best_adapter=best if best.is_file() else None, mlflow_run_id=run_id, steps=state["step"],
+        final_loss=history[-1]["interval_loss"] if history else float("nan"),
+    )
+    outcome.save(finished)
+    print(
+        f"done: {outcome.steps} steps, last interval loss {outcome.final_loss:.4f}, "
+        f"{state['nonfinite_total']} non-finite steps skipped\n"
+        f"  adapter       {outcome.adapter}\n  best adapter  {outcome.best_adapter}\n"
+        f"  checkpoint    {outcome.checkpoint_dir}\n"
+        f"  MLflow run    {run_id} (mlflow ui --backend-store-uri {cfg.resolved_tracking_uri})"
+    )
+    return outcome

@@ -1,0 +1,215 @@
+"""Training with Ray Train on real tar shards, a tiny real UNet and a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import ray
+import torch
+import webdataset as wds
+
+from exvideo import load_adapter, load_unet, post_tuning_loss, trainable_parameters
+from exvideo.adapter import read_adapter
+from exvideo.samples import ClipRecord, LatentClip, collate, encode_sample
+from pipelines.train import TrainConfig, run_training
+from pipelines.train.data import list_shards, rank_stream
+
+
+def write_shards(directory: Path, num_shards: int, per_shard: int, num_frames: int = 6, seed: int = 0,
+                 nan_keys: tuple[str, ...] = ()) -> list[str]:
+    """Tiny latent clips in the shard contract, as preprocessing writes them."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for s in range(num_shards):
+        with wds.TarWriter(str(directory / f"shard-{s:06d}.tar")) as sink:
+            for i in range(per_shard):
+                key = f"clip{s:03d}_{i:03d}"
+                latents = rng.standard_normal((num_frames, 4, 8, 8)).astype(np.float16)
+                if key in nan_keys:
+                    latents[:] = np.nan
+                sink.write(encode_sample(LatentClip(
+                    key=key, latents=latents, cond_latent=latents[0],
+                    image_embeds=rng.standard_normal((1, 32)).astype(np.float16),
+                    record=ClipRecord(source=f"{key}.mp4", fps=24.0, frame_indices=list(range(num_frames)),
+                                      motion_bucket=int(rng.integers(0, 128))),
+                )))
+                keys.append(key)
+    return keys
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def config(tmp_path, tiny_svd_dir, shards, **overrides) -> TrainConfig:
+    base = dict(svd_dir=tiny_svd_dir, shards=str(shards), storage_path=tmp_path / "runs", name="t",
+                num_frames=16, max_steps=4, checkpoint_every=2, log_every=1, lr=1e-3, ema_decay=0.5,
+                gradient_checkpointing=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_rank_streams_split_without_overlap_and_resume_exactly(tmp_path):
+    keys = write_shards(tmp_path / "s", num_shards=4, per_shard=3)
+    shards = list_shards(str(tmp_path / "s"))
+    first = [c.key for _, c in zip(range(12), rank_stream(shards, 0, 2, seed=1))]
+    second = [c.key for _, c in zip(range(12), rank_stream(shards, 1, 2, seed=1))]
+    assert not set(first[:6]) & set(second[:6]) and set(first[:6]) | set(second[:6]) == set(keys)
+    resumed = [c.key for _, c in zip(range(7), rank_stream(shards, 0, 2, seed=1, start=5))]
+    assert resumed == first[5:12]
+    few = list_shards(str(tmp_path / "s") + "/shard-000000.tar")  # fewer shards than ranks: split samples
+    a = [c.key for _, c in zip(range(3), rank_stream(few, 0, 2, seed=0))]
+    b = [c.key for _, c in zip(range(3), rank_stream(few, 1, 2, seed=0))]
+    assert not set(a[:1]) & set(b[:1])
+
+
+def test_corrupt_shard_is_skipped_and_missing_shards_are_named(tmp_path):
+    write_shards(tmp_path / "s", num_shards=2, per_shard=2)
+    data = (tmp_path / "s" / "shard-000001.tar").read_bytes()
+    (tmp_path / "s" / "shard-000001.tar").write_bytes(data[: len(data) // 3])
+    from pipelines.train.data import StreamStats
+    stats = StreamStats()
+    keys = [c.key for _, c in zip(range(4), rank_stream(list_shards(str(tmp_path / "s")), 0, 1, 0, stats=stats))]
+    assert set(keys) >= {"clip000_000", "clip000_001"} and stats.bad_shards
+    with pytest.raises(FileNotFoundError, match="no shards found"):
+        list_shards(str(tmp_path / "nothing-*.tar"))
+
+
+def trained_loss(unet, clips) -> float:
+    """Loss at fixed noise levels and noise: comparable before and after training."""
+    batch = collate(clips)
+    g = torch.Generator().manual_seed(0)
+    sigma = torch.tensor([0.5] * len(clips))
+    noise = torch.randn(batch.latents.shape, generator=g)
+    with torch.no_grad():
+        return post_tuning_loss(unet, batch, sigma=sigma, noise=noise).item()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend, stopped at the end."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        pytest.fail("mlflow server did not start")
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_two_workers_learn_agree_keep_frozen_weights_and_track(tmp_path, tiny_svd_dir, ray_local, mlflow_server):
+    # One clip has NaN latents (a broken encoder output): its steps are skipped and counted, never applied.
+    write_shards(tmp_path / "shards", num_shards=2, per_shard=3, nan_keys=("clip001_002",))
+    cfg = config(tmp_path, tiny_svd_dir, tmp_path / "shards", num_workers=2, max_steps=12, checkpoint_every=6,
+                 tracking_uri=mlflow_server, experiment="train-test")
+    result = run_training(cfg)
+    assert result.steps == 12
+    state = json.loads((result.checkpoint_dir / "state.json").read_text())
+    assert state["nonfinite_total"] >= 1
+    assert all(torch.isfinite(t).all() for t in read_adapter(result.adapter)[0].values())
+
+    # Both ranks recorded the same trainable weights and untouched frozen weights (check_replicas ran too).
+    replicas = [json.loads((result.checkpoint_dir / f"replica-{r}.json").read_text()) for r in (0, 1)]
+    assert replicas[0]["trainable"] == replicas[1]["trainable"]
+    base = load_unet(tiny_svd_dir)
+    from exvideo import extend_unet, freeze_for_post_tuning
+    from pipelines.train.loop import weights_fingerprint
+    extend_unet(base, 16)
+    freeze_for_post_tuning(base)
+    assert replicas[0]["frozen"] == weights_fingerprint(p for p in base.parameters() if not p.requires_grad)
+
+    # The adapter learned: lower loss on the training clips at fixed noise than the untrained extension.
+    from pipelines.train.data import rank_stream
+    clips = [c for _, c in zip(range(6), rank_stream(list_shards(str(tmp_path / "shards")), 0, 1, 0))]
+    clips = [c for c in clips if c.key != "clip001_002"]
+    before = trained_loss(base, clips)
+    load_adapter(base, result.adapter)
+    assert trained_loss(base, clips) < before
+
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["max_steps"] == "12" and run.data.params["num_workers"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 13))
+    assert {"lr", "grad_norm", "samples_per_s", "step_time_s"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert artifacts == {"adapter/adapter.safetensors", "adapter/ema_adapter.safetensors"}
+    assert (result.run_dir / "mlflow_run_id.txt").read_text() == result.mlflow_run_id
+
+
+def test_resume_continues_exactly(tmp_path, tiny_svd_dir, ray_local):
+    write_shards(tmp_path / "shards", num_shards=3, per_shard=2)
+    straight = run_training(config(tmp_path, tiny_svd_dir, tmp_path / "shards", name="straight", max_steps=6))
+    run_training(config(tmp_path, tiny_svd_dir, tmp_path / "shards", name="resumed", max_steps=3, checkpoint_every=3))
+    resumed = run_training(config(tmp_path, tiny_svd_dir, tmp_path / "shards", name="resumed", max_steps=6,
+                                  checkpoint_every=3))
+    assert resumed.steps == 6
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(resumed.mlflow_run_id, "loss")] == list(range(1, 7))
+    a, _ = read_adapter(straight.adapter)
+    b, _ = read_adapter(resumed.adapter)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    # A second run of a finished config starts no worker and returns the same result.
+    again = run_training(config(tmp_path, tiny_svd_dir, tmp_path / "shards", name="resumed", max_steps=6,
+                                checkpoint_every=3))
+    assert again == resumed
+
+
+def test_killed_worker_is_restarted_from_last_checkpoint(tmp_path, tiny_svd_dir, ray_local):
+    import threading
+    import time
+
+    import psutil
+
+    write_shards(tmp_path / "shards", num_shards=2, per_shard=2)
+    cfg = config(tmp_path, tiny_svd_dir, tmp_path / "shards", num_workers=2, max_steps=16, checkpoint_every=4,
+                 log_every=4, max_failures=1)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", run_training(cfg)))
+    thread.start()
+    deadline = time.time() + 240
+    while not (cfg.run_dir / "checkpoint-00000004").is_dir() and time.time() < deadline:
+        time.sleep(0.2)
+    victims = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert victims, "no Ray Train worker process found"
+    victims[-1].kill()
+    thread.join(timeout=300)
+    assert outcome["result"].steps == 16
+    state = json.loads((outcome["result"].checkpoint_dir / "state.json").read_text())
+    assert state["clips_consumed"] == 16
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, tiny_svd_dir, ray_local):
+    write_shards(tmp_path / "nan", num_shards=1, per_shard=2, nan_keys=("clip000_000", "clip000_001"))
+    with pytest.raises(Exception, match="2 consecutive steps had a non-finite loss"):
+        run_training(config(tmp_path, tiny_svd_dir, tmp_path / "nan", name="nan", max_steps=5, max_nonfinite=2,
+                            max_failures=0))
