@@ -21,6 +21,12 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(load_config(DemoConfig, args.config, args.overrides))
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from pipelines.generate import GenerateJobConfig, run_generate_job
+
+    run_generate_job(load_config(GenerateJobConfig, args.config, args.overrides))
+
+
 def _make_tiny_model(args: argparse.Namespace) -> None:
     from exvideo import write_tiny_svd
 
@@ -34,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the main job on embedded defaults (tiny models, CPU)")
     _add_config_args(demo)
     demo.set_defaults(func=_demo)
+
+    generate = commands.add_parser("generate", help="batch-generate long videos from a listing of images or prompts")
+    _add_config_args(generate)
+    generate.set_defaults(func=_generate)
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random SVD checkpoint in diffusers format")
     tiny.add_argument("path", type=Path)
