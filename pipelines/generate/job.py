@@ -163,6 +163,9 @@ def _worker_resources(cfg: GenerateJobConfig) -> tuple[int, float]:
 def run_generate_job(cfg: GenerateJobConfig) -> dict:
     """Run the job; write failures.jsonl and summary.json in the output folder and return the summary."""
     start = time.perf_counter()
+    # Checked here so a bad path is one clear error, not a crash inside every actor.
+    if not cfg.model.is_dir():
+        raise FileNotFoundError(f"model {cfg.model} is not a directory; point it at a local diffusers SVD checkpoint")
     if cfg.text_to_image is not None and not (cfg.text_to_image / "model_index.json").is_file():
         raise FileNotFoundError(f"text_to_image {cfg.text_to_image} is not a diffusers pipeline directory")
     if cfg.adapter is not None and not cfg.adapter.is_file():
