@@ -12,12 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 
 from exvideo import extend_unet, load_unet, save_adapter
 from orchestration.cli import main as cli_main
 from pipelines.generate.params import GenerationParams
 from pipelines.generate.rows import check_row, read_rows
-from pipelines.generate.text_to_image import write_tiny_text_to_image
+from pipelines.generate.text_to_image import first_frame_from_text, load_text_to_image, write_tiny_text_to_image
 
 GOOD = ["from-image", "from-prompt", "seeded"]
 
@@ -101,6 +102,10 @@ def test_job_makes_exactly_the_good_rows(first_run, job_inputs):
         assert GenerationParams.model_validate(record["params"]).num_frames == frames
         assert record["timings"]["total_s"] >= record["timings"]["denoise_s"] > 0
     assert json.loads((videos / "from-prompt.json").read_text())["source"]["prompt"] == "a red cat"
+    # The prompt row's first frame is what the named text-to-image pipeline makes for it, seeded like the video.
+    text_to_image = load_text_to_image(job_inputs["text_to_image"], torch.device("cpu"), torch.float32)
+    expected = first_frame_from_text(text_to_image, "a red cat", 64, 64, steps=2, seed=0)
+    assert np.array_equal(np.asarray(PIL.Image.open(videos / "from-prompt.png")), np.asarray(expected))
 
 
 def test_job_records_a_reason_for_every_bad_row(first_run):

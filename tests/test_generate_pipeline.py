@@ -188,3 +188,15 @@ def test_mp4_writer_refuses_frames_it_cannot_encode(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         write_mp4(tmp_path / "float.mp4", np.zeros((3, 64, 64, 3), np.float32), fps=30)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_chain_conditions_each_clip_on_the_previous_clips_last_frame(base_pipe, first_frame, monkeypatch):
+    seen, decoded = [], []
+    encode, decode_frame = base_pipe.encode_condition, base_pipe._decode_frame
+    monkeypatch.setattr(base_pipe, "encode_condition", lambda image, *a: seen.append(image) or encode(image, *a))
+    monkeypatch.setattr(base_pipe, "_decode_frame", lambda latent: decoded.append(decode_frame(latent)) or decoded[-1])
+    video = generate_video(base_pipe, first_frame, method="chain", num_frames=10, clip_frames=4, window_stride=2,
+                           **TINY)
+    assert video.frames.shape == (10, 64, 64, 3)  # 4 + 3 + 3: a continuation drops its repeated first frame
+    assert len(seen) == 3
+    assert seen[1] is decoded[0] and seen[2] is decoded[1]
