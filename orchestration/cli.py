@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 from orchestration.config import ConfigError, load_config
 
+# subcommand -> (module, config class, run function, help). Modules import lazily: `exvideo --help` stays fast.
+STAGES = {
+    "demo": ("orchestration.demo", "DemoConfig", "run_demo",
+             "run the main job on embedded defaults (tiny models, CPU)"),
+    "train": ("pipelines.train", "TrainConfig", "run_training",
+              "post-tune the temporal modules on latent shards (Ray Train)"),
+    "generate": ("pipelines.generate", "GenerateJobConfig", "run_generate_job",
+                 "batch-generate long videos from a listing of images or prompts"),
+    "evaluate": ("pipelines.evaluate.run", "EvaluateConfig", "run_evaluation",
+                 "metrics, an HTML report and MLflow runs for folders of generated videos"),
+}
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML file with the stage's config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config field (repeatable), e.g. --set num_frames=48")
 
-
-def _demo(args: argparse.Namespace) -> None:
-    from orchestration.demo import DemoConfig, run_demo
-
-    run_demo(load_config(DemoConfig, args.config, args.overrides))
-
-
-def _train(args: argparse.Namespace) -> None:
-    from pipelines.train import TrainConfig, run_training
-
-    run_training(load_config(TrainConfig, args.config, args.overrides))
+def _run_stage(args: argparse.Namespace) -> None:
+    module_name, config_name, run_name, _ = STAGES[args.command]
+    module = importlib.import_module(module_name)
+    getattr(module, run_name)(load_config(getattr(module, config_name), args.config, args.overrides))
 
 
 def _make_tiny_model(args: argparse.Namespace) -> None:
@@ -36,14 +37,14 @@ def _make_tiny_model(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exvideo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser("demo", help="run the main job on embedded defaults (tiny models, CPU)")
-    _add_config_args(demo)
-    demo.set_defaults(func=_demo)
-
-    train = commands.add_parser("train", help="post-tune the temporal modules on latent shards (Ray Train)")
-    _add_config_args(train)
-    train.set_defaults(func=_train)
+    for name, (*_, help_text) in STAGES.items():
+        stage = commands.add_parser(name, help=help_text,
+                                    description=f"{help_text}. Fields: see the stage's config class; e.g. "
+                                                f"exvideo {name} --config {name}.yaml --set key=value")
+        stage.add_argument("--config", type=Path, help="YAML file with the stage's config")
+        stage.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override one config field (repeatable; nested with dots: params.num_frames=48)")
+        stage.set_defaults(func=_run_stage)
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random SVD checkpoint in diffusers format")
     tiny.add_argument("path", type=Path)

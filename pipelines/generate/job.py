@@ -1,0 +1,200 @@
+"""The batch generation job on Ray Data: rows in, one mp4 + first-frame PNG + JSON record per good row out.
+
+One actor per GPU holds the model (one actor on the CPU when there is no GPU). Every output is written under a
+temporary name and renamed, the JSON record last, so a record on disk means the row is done and a rerun skips it.
+A row that cannot be made (bad id or parameter, missing or unreadable image, a failure while generating) goes to
+`failures.jsonl` with its reason and the job goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import PIL.Image
+import ray
+from pydantic import Field
+from tqdm import tqdm
+
+from orchestration.config import StageConfig
+from pipelines.generate.loading import file_sha256, load_pipeline, resolve_device, resolve_dtype
+from pipelines.generate.params import GenerationParams
+from pipelines.generate.rows import Request, check_row, read_rows
+from pipelines.generate.text_to_image import first_frame_from_text, load_text_to_image
+from pipelines.generate.video_io import write_json, write_mp4, write_png, write_text
+
+VIDEOS = "videos"
+FAILURES = "failures.jsonl"
+SUMMARY = "summary.json"
+
+
+class GenerateJobConfig(StageConfig):
+    """A generation job: where rows come from and outputs go, the model, and the default per-video parameters."""
+
+    input: Path = Path("rows.jsonl")
+    output: Path = Path("runs/generate")
+    model: Path = Path("checkpoints/stable-video-diffusion-img2vid-xt")
+    adapter: Path | None = None
+    # Without an adapter, exvideo extends the UNet to this many frames with the identity initialisation.
+    table_frames: int = Field(128, ge=2)
+    text_to_image: Path | None = None
+    text_to_image_steps: int = Field(30, ge=1)
+    params: GenerationParams = GenerationParams()
+    # Model replicas; default one per GPU in the Ray cluster, or one on the CPU when there is none.
+    workers: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    ray_address: str | None = None
+
+
+def record_path(output: Path, row_id: str, suffix: str = ".json") -> Path:
+    return output / VIDEOS / f"{row_id}{suffix}"
+
+
+def _open_image(path: str) -> PIL.Image.Image:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with PIL.Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, PIL.UnidentifiedImageError) as exc:
+        raise ValueError(f"image {path} is unreadable: {exc}") from None
+
+
+class VideoMaker:
+    """Ray Data actor: loads the model once, then turns checked rows into files on disk."""
+
+    def __init__(self, config_json: str, device: str):
+        self.cfg = GenerateJobConfig.model_validate_json(config_json)
+        cfg = self.cfg
+        self.device = resolve_device(device)
+        self.pipeline = load_pipeline(cfg.model, cfg.adapter, cfg.params.method, cfg.table_frames,
+                                      str(self.device), cfg.dtype)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.adapter = {"path": str(cfg.adapter), "sha256": file_sha256(cfg.adapter)} if cfg.adapter else None
+        self._text_to_image = None
+
+    def text_to_image(self):
+        if self._text_to_image is None:
+            self._text_to_image = load_text_to_image(self.cfg.text_to_image, self.device,
+                                                     resolve_dtype(self.cfg.dtype, self.device))
+        return self._text_to_image
+
+    def make(self, request: Request) -> dict:
+        """Generate one row's video and write its mp4, PNG and (last) JSON record; return the record."""
+        params = request.params
+        start = time.perf_counter()
+        if request.image is not None:
+            image, source = _open_image(request.image), {"image": request.image}
+        else:
+            image = first_frame_from_text(self.text_to_image(), request.prompt, params.width, params.height,
+                                          self.cfg.text_to_image_steps, params.seed)
+            source = {"prompt": request.prompt, "text_to_image": str(self.cfg.text_to_image)}
+        timings = {"first_frame_s": time.perf_counter() - start}
+        video = self.pipeline.generate(image, params)
+        timings.update(video.timings)
+        clock = time.perf_counter()
+        output = self.cfg.output
+        write_mp4(record_path(output, request.id, ".mp4"), video.frames, params.fps)
+        write_png(record_path(output, request.id, ".png"), video.first_frame)
+        timings["write_s"] = time.perf_counter() - clock
+        timings["total_s"] = time.perf_counter() - start
+        frames, height, width, _ = video.frames.shape
+        record = {
+            "id": request.id, "source": source, "method": params.method, "seed": params.seed,
+            "params": params.model_dump(mode="json"), "frames": frames, "width": width, "height": height,
+            "fps": params.fps, "model": str(self.cfg.model), "adapter": self.adapter,
+            "outputs": {"video": f"{request.id}.mp4", "first_frame": f"{request.id}.png"},
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+            "device": str(self.device), "host": platform.node(),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json(record_path(output, request.id), record)
+        return record
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        results = {"id": [], "reason": []}
+        for row_id, request_json in zip(batch["id"], batch["request"]):
+            data = json.loads(request_json)
+            request = Request(**{**data, "params": GenerationParams.model_validate(data["params"])})
+            try:
+                self.make(request)
+                reason = ""
+            # The job boundary: whatever one row raises is that row's recorded failure, never the job's.
+            except Exception as exc:  # noqa: BLE001
+                reason = f"{type(exc).__name__}: {exc}"
+            results["id"].append(str(row_id))
+            results["reason"].append(reason)
+        return results
+
+
+def _triage(cfg: GenerateJobConfig) -> tuple[list[Request], list[str], list[dict]]:
+    """Split the listing into rows to make, rows already done (ids) and failures (id, stage, reason)."""
+    rows = read_rows(cfg.input)
+    pending, done, failures, seen = [], [], [], set()
+    for number, row in enumerate(rows, start=1):
+        request = check_row(row, number, cfg.input.parent, cfg.params, cfg.text_to_image is not None)
+        if request.reason is None and request.id in seen:
+            request.reason = f"row {number}: duplicate id {request.id!r} (ids name the output files)"
+        if request.reason is not None:
+            failures.append({"id": request.id, "stage": "check", "reason": request.reason})
+            continue
+        seen.add(request.id)
+        if record_path(cfg.output, request.id).is_file():
+            done.append(request.id)
+        else:
+            pending.append(request)
+    return pending, done, failures
+
+
+def _worker_resources(cfg: GenerateJobConfig) -> tuple[int, float]:
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.device != "cpu" else 0
+    if cfg.device == "cuda" and not gpus:
+        raise ValueError("device=cuda but the Ray cluster has no GPU; use device=auto or cpu")
+    return cfg.workers or max(gpus, 1), 1.0 if gpus else 0.0
+
+
+def run_generate_job(cfg: GenerateJobConfig) -> dict:
+    """Run the job; write failures.jsonl and summary.json in the output folder and return the summary."""
+    start = time.perf_counter()
+    # Checked here so a bad path is one clear error, not a crash inside every actor.
+    if not cfg.model.is_dir():
+        raise FileNotFoundError(f"model {cfg.model} is not a directory; point it at a local diffusers SVD checkpoint")
+    if cfg.text_to_image is not None and not (cfg.text_to_image / "model_index.json").is_file():
+        raise FileNotFoundError(f"text_to_image {cfg.text_to_image} is not a diffusers pipeline directory")
+    if cfg.adapter is not None and not cfg.adapter.is_file():
+        raise FileNotFoundError(f"adapter {cfg.adapter} does not exist")
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, log_to_driver=False)
+    pending, done, failures = _triage(cfg)
+    made = []
+    if pending:
+        workers, gpus = _worker_resources(cfg)
+        items = [{"id": r.id, "request": json.dumps({**asdict(r), "params": r.params.model_dump(mode="json")})}
+                 for r in pending]
+        results = ray.data.from_items(items).map_batches(
+            VideoMaker, fn_constructor_kwargs={"config_json": cfg.model_dump_json(), "device": "cuda" if gpus else "cpu"}, batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(workers, len(pending))), num_gpus=gpus, num_cpus=1)
+        for result in tqdm(results.iter_rows(), total=len(pending), desc="videos", unit="video"):
+            if result["reason"]:
+                failures.append({"id": result["id"], "stage": "generate", "reason": result["reason"]})
+            else:
+                made.append(result["id"])
+    output = cfg.output
+    output.mkdir(parents=True, exist_ok=True)
+    ledger = "".join(json.dumps(failure) + "\n" for failure in failures)
+    write_text(output / FAILURES, ledger)
+    summary = {"made": sorted(made), "skipped_done": sorted(done), "failed": len(failures),
+               "rows": len(made) + len(done) + len(failures), "seconds": round(time.perf_counter() - start, 2),
+               "output": str(output)}
+    write_json(output / SUMMARY, summary)
+    print(f"generate: {len(made)} made, {len(done)} already done (skipped), {len(failures)} failed"
+          f"{f' (reasons in {output / FAILURES})' if failures else ''}; {summary['seconds']} s; videos in "
+          f"{output / VIDEOS}")
+    return summary
