@@ -27,6 +27,12 @@ def _make_tiny_model(args: argparse.Namespace) -> None:
     print(f"wrote tiny SVD checkpoint to {write_tiny_svd(args.path, seed=args.seed, overwrite=args.overwrite)}")
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from pipelines.evaluate.run import EvaluateConfig, run_evaluation
+
+    run_evaluation(load_config(EvaluateConfig, args.config, args.overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exvideo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the main job on embedded defaults (tiny models, CPU)")
     _add_config_args(demo)
     demo.set_defaults(func=_demo)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="metrics, an HTML report and MLflow runs for folders of generated videos",
+        description="e.g. exvideo evaluate --set videos_dir=runs/generate/videos --set output_dir=runs/evaluate "
+                    "[--set svd_dir=DIR] [--set i3d_path=i3d_torchscript.pt --set fvd_reference_dir=DIR] "
+                    "[--set tracking_uri=http://127.0.0.1:5000]",
+    )
+    _add_config_args(evaluate)
+    evaluate.set_defaults(func=_evaluate)
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random SVD checkpoint in diffusers format")
     tiny.add_argument("path", type=Path)

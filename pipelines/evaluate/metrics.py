@@ -17,6 +17,10 @@ PSNR_CAP_DB = 100.0
 SEGMENTS = ("first", "middle", "last")
 # ITU-R BT.601 luma weights, as OpenCV's RGB->gray conversion uses.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# Curves with one value per transition t -> t+1 (the others have one per frame); they are placed at frame t+1.
+TRANSITION_CURVES = frozenset(
+    {"flicker", "motion", "flow_dx", "flow_dy", "warp_error", "ssim_to_previous", "clip_to_previous"}
+)
 
 
 @dataclass
@@ -50,6 +54,11 @@ def segment_slices(length: int) -> dict[str, slice]:
         "middle": slice(middle_start, middle_start + quarter),
         "last": slice(length - quarter, length),
     }
+
+
+def curve_frame_index(name: str, curve: np.ndarray) -> np.ndarray:
+    """The frame index of each point of curve `name`: 0..T-1 for per-frame curves, 1..T-1 for transitions."""
+    return np.arange(len(curve)) + (1 if name in TRANSITION_CURVES else 0)
 
 
 def flicker_curve(frames: np.ndarray) -> np.ndarray:
