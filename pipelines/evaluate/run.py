@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -26,7 +27,7 @@ from pipelines.evaluate.report import (
     VideoResult, group_key, publish_dir, render_html, staging_dir, summarise_groups,
 )
 from pipelines.evaluate.tracking import (
-    default_tracking_uri, log_curves, log_scalars, register_model, stage_run, use_experiment,
+    default_tracking_uri, experiment_id_for, log_curves, log_scalars, register_model, stage_run, tracking_to,
 )
 from pipelines.evaluate.video_model import log_video_model
 from pipelines.evaluate.videos import GeneratedVideo, Skipped, decode, find_videos, load_conditioning, read_frames
@@ -130,6 +131,8 @@ def _log_group_metrics(groups) -> None:
 
 def run_evaluation(cfg: EvaluateConfig) -> dict:
     """Evaluate every video in `cfg.videos_dir`, write the report, log to MLflow; return what was made."""
+    if cfg.adapter is not None and not cfg.adapter.is_file():
+        raise FileNotFoundError(f"adapter {cfg.adapter} does not exist; point adapter at an adapter .safetensors file")
     videos, skipped = [], []
     for folder in cfg.videos_dir:
         found, missed = find_videos(folder)
@@ -149,13 +152,29 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         notes.append(f"FVD skipped: {fvd_reason}")
 
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    report_final = cfg.output_dir / "report"
-    report_dir = staging_dir(report_final)
+    report_dir = staging_dir(cfg.output_dir / "report")
     tracking_uri = cfg.tracking_uri or default_tracking_uri(cfg.output_dir)
-    use_experiment(tracking_uri, cfg.experiment, cfg.output_dir)
+    try:
+        with tracking_to(tracking_uri):
+            outcome = _evaluate_and_log(cfg, videos, skipped, svd, notes, fvd_reason, report_dir)
+    finally:
+        shutil.rmtree(report_dir, ignore_errors=True)  # left only when the run failed before publishing
+    outcome["tracking_uri"] = tracking_uri
+    print(f"evaluated {len(outcome['results'])} videos in {len(outcome['groups'])} run/method groups, skipped "
+          f"{len(skipped)}; report {outcome['report']}; MLflow run {outcome['run_id']} at {tracking_uri}")
+    for group in outcome["groups"]:
+        print(f"  {group.run} / {group.method}: {group.count} videos, flicker {group.means['flicker']:.4f}, "
+              f"motion {group.means['motion']:.2f} px/frame, contrast last/first "
+              f"{group.means['contrast_ratio_last_to_first']:.2f}, FVD "
+              f"{'%.2f' % group.fvd.value if group.fvd.value is not None else 'skipped'}")
+    return outcome
 
+
+def _evaluate_and_log(cfg: EvaluateConfig, videos: list[GeneratedVideo], skipped: list[Skipped], svd,
+                      notes: list[str], fvd_reason: str | None, report_dir: Path) -> dict:
     results, fvd_samples = [], {}
-    with stage_run(cfg.run_name, cfg.parent_run_id, tags={"stage": "evaluate"}) as parent:
+    experiment_id = experiment_id_for(cfg.experiment, cfg.output_dir)
+    with stage_run(cfg.run_name, experiment_id, cfg.parent_run_id, tags={"stage": "evaluate"}) as parent:
         mlflow.log_params({"videos_dir": [str(d) for d in cfg.videos_dir], "svd_dir": str(cfg.svd_dir),
                            "i3d_path": str(cfg.i3d_path), "fvd_reference_dir": str(cfg.fvd_reference_dir)})
         for index, video in enumerate(tqdm(videos, desc="evaluate", unit="video")):
@@ -184,29 +203,18 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
             "skipped": [{"path": str(s.path), "reason": s.reason} for s in skipped],
         }
         (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
-        report = publish_dir(report_dir, report_final)
+        report = publish_dir(report_dir, cfg.output_dir / "report")
         _log_group_metrics(groups)
         mlflow.log_metrics({"videos_evaluated": len(results), "videos_skipped": len(skipped)})
         mlflow.log_artifacts(str(report), "report")
         model_uri = model_version = None
         if cfg.adapter is not None:
             model_uri, model_version = _log_adapter(cfg, svd)
-        run_id = parent.info.run_id
-
-    print(f"evaluated {len(results)} videos in {len(groups)} run/method groups, skipped {len(skipped)}; "
-          f"report {report / 'index.html'}; MLflow run {run_id} at {tracking_uri}")
-    for group in groups:
-        print(f"  {group.run} / {group.method}: {group.count} videos, flicker {group.means['flicker']:.4f}, "
-              f"motion {group.means['motion']:.2f} px/frame, contrast last/first "
-              f"{group.means['contrast_ratio_last_to_first']:.2f}, FVD "
-              f"{'%.2f' % group.fvd.value if group.fvd.value is not None else 'skipped'}")
-    return {"report": report / "index.html", "run_id": run_id, "tracking_uri": tracking_uri, "results": results,
-            "groups": groups, "skipped": skipped, "model_uri": model_uri, "model_version": model_version}
+    return {"report": report / "index.html", "run_id": parent.info.run_id, "results": results, "groups": groups,
+            "skipped": skipped, "model_uri": model_uri, "model_version": model_version}
 
 
 def _log_adapter(cfg: EvaluateConfig, svd) -> tuple[str, str | None]:
-    if not cfg.adapter.is_file():
-        raise FileNotFoundError(f"adapter {cfg.adapter} does not exist")
     mlflow.log_artifact(str(cfg.adapter), "adapter")
     load_adapter(svd.unet, cfg.adapter)  # checks the adapter fits the base before it is logged as a model
     info = log_video_model(cfg.adapter, cfg.svd_dir, int(svd.unet.config["exvideo_num_frames"]), cfg.bundle_base)

@@ -25,30 +25,42 @@ def default_tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
 
 
-def use_experiment(tracking_uri: str, experiment: str, run_dir: Path) -> str:
-    """Point MLflow at `tracking_uri` and make `experiment` current (created if new); return its id.
+@contextmanager
+def tracking_to(tracking_uri: str) -> Iterator[None]:
+    """Send MLflow calls to `tracking_uri` inside the block and restore the previous URI after it."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def experiment_id_for(experiment: str, run_dir: Path) -> str:
+    """The id of `experiment` in the current tracking store, created if new.
 
     A new experiment in a sqlite store keeps its artifacts in `<run_dir>/mlartifacts`; on a server, the server's
     artifact root applies.
     """
-    mlflow.set_tracking_uri(tracking_uri)
     existing = mlflow.get_experiment_by_name(experiment)
     if existing is not None:
-        experiment_id = existing.experiment_id
-    else:
-        location = (Path(run_dir) / "mlartifacts").resolve().as_uri() if tracking_uri.startswith("sqlite:") else None
-        experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return experiment_id
+        return existing.experiment_id
+    local = mlflow.get_tracking_uri().startswith("sqlite:")
+    location = (Path(run_dir) / "mlartifacts").resolve().as_uri() if local else None
+    return mlflow.create_experiment(experiment, artifact_location=location)
 
 
 @contextmanager
-def stage_run(name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-              ) -> Iterator[mlflow.ActiveRun]:
-    """A run for one stage (or one item of a stage): nested under the active run, or under `parent_run_id`."""
-    nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=name, nested=nested, parent_run_id=None if nested else parent_run_id,
-                          tags=tags) as run:
+def stage_run(name: str, experiment_id: str | None = None, parent_run_id: str | None = None,
+              tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A run for one stage (or one item of a stage): nested under the active run (in its experiment), or under
+    `parent_run_id` when given, or top-level in `experiment_id`."""
+    active = mlflow.active_run()
+    if active is not None:
+        run = mlflow.start_run(run_name=name, nested=True, experiment_id=active.info.experiment_id, tags=tags)
+    else:
+        run = mlflow.start_run(run_name=name, experiment_id=experiment_id, parent_run_id=parent_run_id, tags=tags)
+    with run:
         yield run
 
 
