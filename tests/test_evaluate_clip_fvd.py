@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from evaluation_videos import fading_to_grey_video, static_video, texture, translating_video, write_mp4
+from evaluation_videos import (
+    fading_to_grey_video, static_video, texture, translating_video, write_generated, write_mp4,
+)
 
 import exvideo
 from pipelines.evaluate.clip_metrics import (
     clip_consistency, clip_embeddings, compute_fvd, frechet_distance, fvd_skip_reason, sample_frames,
 )
+from pipelines.evaluate.run import EvaluateConfig, run_evaluation
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +91,20 @@ def test_fvd_is_skipped_with_a_recorded_reason_never_estimated(tmp_path, detecto
     assert too_few.value is None and "at least 2 generated" in too_few.reason
     with pytest.raises(ValueError, match="lower fvd_num_frames"):
         sample_frames(static_video(4), 16)
+
+
+def test_evaluate_stage_reports_fvd_per_method_when_a_detector_and_references_are_given(tmp_path, detector_path):
+    generated, reference = tmp_path / "generated", tmp_path / "reference"
+    reference.mkdir()
+    for dx in (1, 2):
+        write_generated(generated, f"pan{dx}", translating_video(dx, 0, 8), method="exvideo")
+        write_generated(generated, f"fade{dx}", fading_to_grey_video(8 + dx), method="chained")
+        write_mp4(translating_video(dx, 1, 8), reference / f"real{dx}.mp4")
+    outcome = run_evaluation(EvaluateConfig(
+        videos_dir=generated, output_dir=tmp_path / "out", i3d_path=detector_path, fvd_reference_dir=reference,
+        fvd_num_frames=4,
+    ))
+    fvd = {group.method: group.fvd for group in outcome["groups"]}
+    assert fvd["exvideo"].value is not None and fvd["chained"].value is not None
+    assert fvd["exvideo"].num_reference == 2 and fvd["exvideo"].num_generated == 2
+    assert f"<td>{fvd['chained'].value:.2f}</td>" in outcome["report"].read_text()

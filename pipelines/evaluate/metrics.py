@@ -63,8 +63,9 @@ def curve_frame_index(name: str, curve: np.ndarray) -> np.ndarray:
 
 def flicker_curve(frames: np.ndarray) -> np.ndarray:
     """Mean absolute difference between consecutive frames (0..1 scale), one value per transition."""
-    unit = _unit(check_frames(frames))
-    return np.abs(np.diff(unit, axis=0)).mean(axis=(1, 2, 3))
+    frames = check_frames(frames)
+    # Pair by pair on uint8: no float copy of the whole video.
+    return np.asarray([cv2.absdiff(a, b).mean() / 255.0 for a, b in zip(frames[:-1], frames[1:])], dtype=np.float32)
 
 
 def farneback_flow(previous: np.ndarray, following: np.ndarray) -> np.ndarray:

@@ -86,7 +86,9 @@ def _write_figures(frames: np.ndarray, curves: dict, folder: Path, stem: str, cf
 
 def _log_video_run(video: GeneratedVideo, result: VideoResult, report_dir: Path) -> None:
     with stage_run(video.record.id, tags={"method": video.record.method, "run": video.run, "kind": "video"}):
-        mlflow.log_params({k: v for k, v in video.record.model_dump(mode="json").items() if v is not None})
+        # The declared record fields only: free-form extras may not be valid param names; the record is an artifact.
+        declared = video.record.model_dump(mode="json", include=set(type(video.record).model_fields))
+        mlflow.log_params({k: v for k, v in declared.items() if v is not None})
         log_scalars(result.metrics.scalars)
         log_curves(result.metrics.curves)
         mlflow.log_artifact(str(video.video_path), "video")
