@@ -1,4 +1,4 @@
-"""Constructed videos with known answers for the evaluation tests, and an mp4 writer (the ffmpeg from imageio-ffmpeg)."""
+"""Constructed videos with known answers for the evaluation tests, and an mp4 writer (imageio-ffmpeg's ffmpeg)."""
 
 from __future__ import annotations
 

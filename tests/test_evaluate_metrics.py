@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from evaluation_videos import fading_to_grey_video, static_video, texture, translating_video
 
 from pipelines.evaluate.metrics import (
     PSNR_CAP_DB, farneback_flow, flicker_curve, psnr, segment_slices, ssim, video_metrics,
 )
-from evaluation_videos import fading_to_grey_video, static_video, texture, translating_video
 
 
 def test_static_video_has_zero_flicker_and_zero_motion():

@@ -134,7 +134,8 @@ FIGURE_TITLES = {"contact_sheet": "Contact sheet", "flow": "Optical flow (hue: d
 
 def _video_section(result: VideoResult) -> str:
     parts = [f'<section class="video" id="video-{html.escape(result.video_id)}">',
-             f"<h3>{html.escape(result.video_id)} &mdash; {html.escape(result.method)} ({html.escape(result.run)})</h3>"]
+             f"<h3>{html.escape(result.video_id)} &mdash; {html.escape(result.method)} "
+             f"({html.escape(result.run)})</h3>"]
     details = ", ".join(f"{key}={result.record[key]}" for key in ("num_frames", "fps", "seed") if key in result.record)
     parts.append(f"<p>{html.escape(details)}</p>")
     for key, title in FIGURE_TITLES.items():

@@ -3,7 +3,8 @@
 The model's artifacts are the adapter file and (unless the base checkpoint is referenced by path) the local SVD
 checkpoint directory. `predict` takes a DataFrame with an `image` column of image paths and returns RGB uint8
 videos `[N, T, H, W, 3]`; generation parameters are pyfunc params with the reference defaults (DESIGN.md).
-Loading the model needs this project's package installed (its class lives here).
+The model is logged from code (`video_model_entry.py`), not pickled; loading it needs this project's package
+installed, where its class lives.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def log_video_model(adapter: Path, svd_dir: Path, num_frames: int, bundle_base: 
     else:
         model_config = {"svd_dir": str(Path(svd_dir).resolve())}
     return mlflow.pyfunc.log_model(
-        name=name, python_model=ExVideoModel(), artifacts=artifacts, model_config=model_config,
+        name=name, python_model=str(Path(__file__).with_name("video_model_entry.py")), artifacts=artifacts, model_config=model_config,
         signature=model_signature(num_frames),
         pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS],
     )
