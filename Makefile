@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup system-deps demo test clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/exvideo demo
 
-test: $(STAMP)
+# Headless Chromium for the report screenshot test; installed only when missing.
+system-deps:
+	bash scripts/system_deps.sh
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 clean:
