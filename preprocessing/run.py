@@ -103,7 +103,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
                     writer.done_sources.append(row["source"])
                     bar.update(1)
                     bar.set_postfix(clips=written, failed=len(writer.failures))
-        writer.finish()
+        writer.commit()
 
     counts = write_tables(output, read_commits(output))
     elapsed = time.perf_counter() - started

@@ -125,7 +125,6 @@ class ShardSetWriter:
         self._bytes = 0
         self.failures: list[Failure] = []
         self.done_sources: list[str] = []
-        self.committed = []  # commit records written by this writer
 
     def _tmp_path(self) -> Path:
         return self.root / "shards" / f".shard-{self.next_shard:06d}.tar.tmp"
@@ -160,13 +159,9 @@ class ShardSetWriter:
         record = {"commit": self.next_commit, "shard": name, "samples": rows, "stats": stats,
                   "failures": [f.to_row() for f in self.failures], "done_sources": self.done_sources}
         write_atomic(self.root / "commits" / f"{self.next_commit:06d}.json", json.dumps(record).encode())
-        self.committed.append(record)
         self.next_commit += 1
         self._tar, self._rows, self._bytes, self.failures, self.done_sources = None, [], 0, [], []
         return record
-
-    def finish(self) -> None:
-        self.commit()
 
 
 def read_commits(root: Path) -> list[dict]:

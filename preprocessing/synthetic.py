@@ -67,17 +67,19 @@ def _bounce(position: np.ndarray, size: tuple[int, int], radius: int) -> tuple[f
     return out[0], out[1]
 
 
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, variable_frame_rate: bool = False) -> Path:
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, variable_frame_rate: bool = False,
+              preset: str = "ultrafast") -> Path:
     """Encode uint8 frames [T, H, W, 3] as H.264 mp4 with the imageio-ffmpeg binary, atomically.
 
     With `variable_frame_rate`, the second half of the frames is shown three times as long as the first half
-    (timestamps rewritten, frames kept), which is how screen recordings and phone videos often look.
+    (timestamps rewritten, frames kept), which is how screen recordings and phone videos often look. `preset` is
+    x264's speed/size trade-off: "ultrafast" for tests, "medium" (x264's default) for realistic decode cost.
     """
     path = Path(path)
     num_frames, height, width, _ = frames.shape
     stream = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", r=fps)
     options = {"vcodec": "libx264", "pix_fmt": "yuv420p", "movflags": "+faststart", "format": "mp4",
-               "preset": "ultrafast"}
+               "preset": preset}
     if variable_frame_rate:
         half = num_frames // 2
         stream = stream.filter("setpts", f"if(lt(N,{half}),N,{half}+3*(N-{half}))/({fps}*TB)")
