@@ -80,7 +80,8 @@ class ClipEncoder:
         pixels = torch.from_numpy(frames).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1
         means = [self.vae.encode(chunk).latent_dist.mean for chunk in pixels.split(self.cfg.vae_chunk_frames)]
         posterior_mean = torch.cat(means).float()
-        first = _resize_with_antialiasing(pixels[:1].float(), (self.clip_size, self.clip_size))
+        # The image processor works on CPU tensors, as diffusers' SVD pipeline hands it.
+        first = _resize_with_antialiasing(pixels[:1].float(), (self.clip_size, self.clip_size)).cpu()
         clip_input = self.feature_extractor(images=(first + 1) / 2, do_normalize=True, do_center_crop=False,
                                             do_resize=False, do_rescale=False, return_tensors="pt").pixel_values
         embeds = self.image_encoder(clip_input.to(self.device, self.dtype)).image_embeds.float()

@@ -11,6 +11,7 @@ REASON_CODES = {
     "bad_manifest_row": "the manifest row names no video",
     "duplicate": "the manifest lists the video more than once",
     "missing_file": "no file at the path",
+    "read_error": "the file exists but cannot be read (permissions, network, unknown URI scheme)",
     "empty_file": "the file has zero bytes",
     "not_a_video": "the file is not a video container",
     "corrupt_stream": "a video container the decoder cannot read (truncated or damaged)",

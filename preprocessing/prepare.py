@@ -33,30 +33,35 @@ def _row(source: dict, clip_index: int, **fields) -> dict:
     return row
 
 
-def _failure_row(source: dict, clip_index: int, error: SourceError) -> dict:
-    return _row(source, clip_index, stage=error.stage, reason_code=error.reason_code, reason=error.reason)
+def _failure_row(source: dict, clip_index: int, error: SourceError, last: bool = False) -> dict:
+    return _row(source, clip_index, stage=error.stage, reason_code=error.reason_code, reason=error.reason,
+                last_of_source=last)
 
 
 def prepare_source(source: dict, cfg: PreprocessConfig) -> list[dict]:
     """Clip rows (uint8 pixels [T, H, W, 3] as raw bytes) of one source, or a single failure row."""
-    rows = []
     try:
         video = VideoFile(source["uri"])
         info = probe(video, cfg)
-        windows = clip_windows(info.num_frames, cfg)
         decoder = ClipDecoder(video, info.width, info.height, cfg.width, cfg.height, cfg.decode_threads)
     except SourceError as error:
-        rows.append(_failure_row(source, -1, error))
-    else:
-        for clip_index, indices in enumerate(windows):
-            try:
-                frames = decoder.clip(indices)
-            except Exception as exc:  # decord raises DECORDError or RuntimeError on damaged packets
-                error = SourceError("decode", "decode_error", f"frames {indices[0]}..{indices[-1]}: {exc}"[:400])
-                rows.append(_failure_row(source, clip_index, error))
-                continue
-            bucket, score = clip_motion(frames)
-            rows.append(_row(source, clip_index, frame_indices=indices, fps=info.fps / cfg.frame_stride,
-                             crop=decoder.crop, motion_bucket=bucket, motion_score=score, pixels=frames.tobytes()))
+        return [_failure_row(source, -1, error, last=True)]
+    except Exception as exc:  # decord can still fail opening the scaled reader of a stream it probed
+        return [_failure_row(source, -1, SourceError("decode", "decode_error", _short(exc)), last=True)]
+    rows = []
+    for clip_index, indices in enumerate(clip_windows(info.num_frames, cfg)):
+        try:
+            frames = decoder.clip(indices)
+        except Exception as exc:  # decord raises DECORDError or RuntimeError on damaged packets
+            error = SourceError("decode", "decode_error", f"frames {indices[0]}..{indices[-1]}: {_short(exc)}")
+            rows.append(_failure_row(source, clip_index, error))
+            continue
+        bucket, score = clip_motion(frames)
+        rows.append(_row(source, clip_index, frame_indices=indices, fps=info.fps / cfg.frame_stride,
+                         crop=decoder.crop, motion_bucket=bucket, motion_score=score, pixels=frames.tobytes()))
     rows[-1]["last_of_source"] = True
     return rows
+
+
+def _short(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:400]

@@ -49,17 +49,20 @@ class VideoFile:
 
     def __init__(self, uri: str):
         self.uri = uri
-        fs, path = filesystem_and_path(uri)
-        info = fs.get_file_info(path)
-        if info.type != pafs.FileType.File:
-            raise SourceError("probe", "missing_file", f"no file at {uri}")
-        if info.size == 0:
-            raise SourceError("probe", "empty_file", f"{uri} has zero bytes")
-        self._local = path if isinstance(fs, pafs.LocalFileSystem) else None
-        self._data = None
-        if self._local is None:
-            with fs.open_input_stream(path) as stream:
-                self._data = stream.read()
+        try:
+            fs, path = filesystem_and_path(uri)
+            info = fs.get_file_info(path)
+            if info.type != pafs.FileType.File:
+                raise SourceError("probe", "missing_file", f"no file at {uri}")
+            if info.size == 0:
+                raise SourceError("probe", "empty_file", f"{uri} has zero bytes")
+            self._local = path if isinstance(fs, pafs.LocalFileSystem) else None
+            self._data = None
+            if self._local is None:
+                with fs.open_input_stream(path) as stream:
+                    self._data = stream.read()
+        except (OSError, ValueError) as exc:  # permissions, network, an unknown URI scheme
+            raise SourceError("probe", "read_error", f"cannot read {uri}: {exc}") from None
 
     def head(self, size: int = 16) -> bytes:
         if self._data is not None:

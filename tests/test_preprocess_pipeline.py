@@ -172,8 +172,8 @@ def test_killed_run_resumes_to_the_same_shards(preprocessed, corpus, tiny_svd_di
                                       "ray_address": ray.get_runtime_context().gcs_address}.items())]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                cwd=Path(__file__).parents[1])
-    deadline = time.monotonic() + 120
-    while not (output / "commits" / "000001.json").exists():
+    deadline = time.monotonic() + 300  # a loaded machine starts Ray workers slowly
+    while not (output / "commits" / "000000.json").exists():
         assert process.poll() is None and time.monotonic() < deadline, "the run to kill ended or never started"
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
@@ -236,3 +236,14 @@ def test_reshard_without_filters_keeps_every_sample(preprocessed, tmp_path):
     assert read_tars(tmp_path / "all") == read_tars(cfg.output)
     with tarfile.open(tmp_path / "all" / "shards" / "shard-000000.tar") as tar:
         assert all(m.mtime == 0 for m in tar)
+
+
+def test_cli_makes_a_corpus_and_refuses_a_foreign_output(preprocessed, tmp_path, capsys):
+    from orchestration.cli import main
+
+    cfg, _ = preprocessed
+    assert main(["make-synthetic-corpus", str(tmp_path / "c"), "--no-broken"]) == 0
+    assert len(json.loads((tmp_path / "c" / "metadata.json").read_text())) == 5
+    code = main(["preprocess", f"--set=input={tmp_path / 'c' / 'metadata.json'}", f"--set=output={cfg.output}",
+                 f"--set=model={cfg.model}"])
+    assert code == 2 and "written by another configuration" in capsys.readouterr().err

@@ -141,3 +141,8 @@ def test_synthetic_corpus_is_varied(synthetic_corpus):
     assert len(sizes) >= 3 and len({s.fps for s in GOOD_VIDEOS}) >= 3
     reader = VideoReader(str(synthetic_corpus.parent / "videos" / "fast_wide.mp4"))
     assert len(reader) == 36 and reader.get_avg_fps() == 30 and reader[0].shape == (64, 96, 3)
+
+
+def test_unreadable_uri_is_a_read_error():
+    row, = prepare_source({"source": "a.mp4", "uri": "nosuchfs://bucket/a.mp4", "caption": ""}, config())
+    assert (row["stage"], row["reason_code"]) == ("probe", "read_error") and "nosuchfs://bucket/a.mp4" in row["reason"]
