@@ -65,11 +65,11 @@ def plan_shards(rows: list[dict], max_samples: int, max_bytes: int) -> list[list
     """Group rows, in order, into shards of at most `max_samples` samples and (beyond one sample) `max_bytes`."""
     shards, current, size = [], [], 0
     for row in rows:
-        if current and (len(current) >= max_samples or size + row["length"] > max_bytes):
+        if current and (len(current) >= max_samples or size + row["bytes"] > max_bytes):
             shards.append(current)
             current, size = [], 0
         current.append(row)
-        size += row["length"]
+        size += row["bytes"]
     return shards + ([current] if current else [])
 
 
@@ -80,15 +80,15 @@ def write_planned_shard(plan: dict) -> dict:
         tmp = final.with_name(f".{final.name}.tmp")
         with TarWriter(str(tmp), mtime=0) as writer:
             for row in plan["rows"]:
-                entries = read_sample_entries(Path(row["input_shard"]), row["offset"], row["length"])
-                if entries.get("__key__") != row["key"] or member_bytes(entries) != row["length"]:
+                entries = read_sample_entries(Path(row["input_shard"]), row["offset"], row["bytes"])
+                if entries.get("__key__") != row["key"] or member_bytes(entries) != row["bytes"]:
                     raise ValueError(f"{row['input_shard']} at offset {row['offset']} does not hold sample "
                                      f"{row['key']} as its index says; the input shard set is damaged")
                 writer.write(entries)
         os.replace(tmp, final)
     spans = sample_spans(final)
     rows = [{**{c: r[c] for c in INDEX_SCHEMA.names}, "shard": final.name, "offset": spans[r["key"]][0],
-             "length": spans[r["key"]][1]} for r in plan["rows"]]
+             "bytes": spans[r["key"]][1]} for r in plan["rows"]]
     return {"rows": rows, "stats": shard_stats(final.name, final, rows)}
 
 

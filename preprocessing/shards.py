@@ -5,7 +5,7 @@ Layout of an output folder:
     shards/shard-000000.tar  numbered WebDataset tars (see exvideo.samples for the entries of a sample)
     commits/000000.json      one record per committed shard: its samples' index rows, the failures and the
                              sources finished since the previous commit, the shard's stats
-    index.parquet            one row per sample (key, shard, byte offset and length in the tar, source, clip...)
+    index.parquet            one row per sample (key, shard, byte offset and size in the tar, source, clip...)
     shards.parquet           per-shard stats
     failures.parquet         the ledger: source, stage, reason code, reason, clip index
 
@@ -152,7 +152,7 @@ class ShardSetWriter:
             final = self.root / "shards" / name
             os.replace(self._tmp_path(), final)
             spans = sample_spans(final)
-            rows = [{**r, "shard": name, "offset": spans[r["key"]][0], "length": spans[r["key"]][1]}
+            rows = [{**r, "shard": name, "offset": spans[r["key"]][0], "bytes": spans[r["key"]][1]}
                     for r in self._rows]
             stats = shard_stats(name, final, rows)
             self.next_shard += 1
@@ -189,7 +189,7 @@ def discard_uncommitted(root: Path, commits: list[dict]) -> list[str]:
 
 
 INDEX_SCHEMA = pa.schema([
-    ("key", pa.string()), ("shard", pa.string()), ("offset", pa.int64()), ("length", pa.int64()),
+    ("key", pa.string()), ("shard", pa.string()), ("offset", pa.int64()), ("bytes", pa.int64()),
     ("source", pa.string()), ("clip_index", pa.int32()), ("caption", pa.string()), ("fps", pa.float64()),
     ("start_frame", pa.int64()), ("end_frame", pa.int64()), ("num_frames", pa.int32()),
     ("motion_bucket", pa.int32()), ("motion_score", pa.float64()), ("latent_mean", pa.float64()),

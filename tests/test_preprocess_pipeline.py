@@ -114,7 +114,7 @@ def test_latents_match_a_direct_encoder_call(preprocessed, tiny_svd_dir, synthet
     decoder = ClipDecoder(VideoFile(str(synthetic_corpus.parent / "videos/fast_wide.mp4")), 96, 64, 64, 64)
     frames = decoder.clip(list(range(15, 30, 2)))
     latents, cond, embeds = ClipEncoder(cfg, "cpu", cfg.content_hash(), "x").encode_pixels(frames)
-    clip = decode_sample(read_sample_entries(cfg.output / "shards" / row["shard"], row["offset"], row["length"]))
+    clip = decode_sample(read_sample_entries(cfg.output / "shards" / row["shard"], row["offset"], row["bytes"]))
     # Same numbers up to float16 rounding of results that another process's thread count may order differently.
     np.testing.assert_allclose(clip.latents.astype(np.float32), latents.astype(np.float32), rtol=2e-3, atol=1e-4)
     np.testing.assert_allclose(clip.image_embeds.astype(np.float32), embeds.astype(np.float32), rtol=2e-3, atol=1e-4)
@@ -129,7 +129,7 @@ def test_index_and_stats_match_the_tars(preprocessed):
     samples = read_tars(cfg.output)
     assert sorted(r["key"] for r in index) == sorted(samples)
     for row in index:
-        entries = read_sample_entries(cfg.output / "shards" / row["shard"], row["offset"], row["length"])
+        entries = read_sample_entries(cfg.output / "shards" / row["shard"], row["offset"], row["bytes"])
         assert {k: v for k, v in entries.items() if k != "__key__"} == samples[row["key"]]
         record = json.loads(entries["json"])
         assert (record["source"], record["motion_bucket"]) == (row["source"], row["motion_bucket"])

@@ -146,3 +146,27 @@ def test_synthetic_corpus_is_varied(synthetic_corpus):
 def test_unreadable_uri_is_a_read_error():
     row, = prepare_source({"source": "a.mp4", "uri": "nosuchfs://bucket/a.mp4", "caption": ""}, config())
     assert (row["stage"], row["reason_code"]) == ("probe", "read_error") and "nosuchfs://bucket/a.mp4" in row["reason"]
+
+
+def test_shards_close_at_the_byte_or_sample_limit(tmp_path):
+    from preprocessing.reshard import plan_shards
+    from preprocessing.shards import ShardSetWriter, member_bytes, read_commits, sample_spans
+
+    def entries(i):
+        return {"__key__": f"k{i:03d}", "latents.npy": bytes(1000 + i), "json": b"{}"}
+
+    size = member_bytes(entries(0))  # 512 + 1024 + 512 + 512
+    assert size == 2560
+    writer = ShardSetWriter(tmp_path, max_samples=10, max_bytes=3 * size)
+    for i in range(7):
+        writer.add(entries(i), {"key": f"k{i:03d}", "source": "s", "motion_bucket": i, "caption": ""})
+    writer.done_sources.append("s")
+    writer.commit()
+    commits = read_commits(tmp_path)
+    assert [len(c["samples"]) for c in commits] == [3, 3, 1] and commits[-1]["done_sources"] == ["s"]
+    spans = sample_spans(tmp_path / "shards" / "shard-000001.tar")
+    assert sorted(spans) == ["k003", "k004", "k005"] and all(length == size for _, length in spans.values())
+    rows = [{"bytes": 100}] * 5
+    assert [len(s) for s in plan_shards(rows, max_samples=2, max_bytes=1000)] == [2, 2, 1]
+    assert [len(s) for s in plan_shards(rows, max_samples=10, max_bytes=250)] == [2, 2, 1]
+    assert [len(s) for s in plan_shards([{"bytes": 5000}], max_samples=10, max_bytes=250)] == [1]
