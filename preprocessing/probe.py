@@ -47,10 +47,11 @@ class VideoInfo:
 class VideoFile:
     """A source's bytes or local path, so decord can open it more than once (probe, then decode resized)."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, filesystem: pafs.FileSystem | None = None):
+        """`uri` on the filesystem its scheme names, or a path inside `filesystem` when one is given."""
         self.uri = uri
         try:
-            fs, path = filesystem_and_path(uri)
+            fs, path = (filesystem, uri) if filesystem is not None else filesystem_and_path(uri)
             info = fs.get_file_info(path)
             if info.type != pafs.FileType.File:
                 raise SourceError("probe", "missing_file", f"no file at {uri}")

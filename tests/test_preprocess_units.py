@@ -170,3 +170,20 @@ def test_shards_close_at_the_byte_or_sample_limit(tmp_path):
     assert [len(s) for s in plan_shards(rows, max_samples=2, max_bytes=1000)] == [2, 2, 1]
     assert [len(s) for s in plan_shards(rows, max_samples=10, max_bytes=250)] == [2, 2, 1]
     assert [len(s) for s in plan_shards([{"bytes": 5000}], max_samples=10, max_bytes=250)] == [1]
+
+
+def test_videos_on_a_non_local_filesystem_are_read_as_bytes(synthetic_corpus):
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/corpus/clip.mp4", (synthetic_corpus.parent / "videos" / "fast_wide.mp4").read_bytes())
+    filesystem = PyFileSystem(FSSpecHandler(memory))
+    video = VideoFile("/corpus/clip.mp4", filesystem)
+    info = probe(video, config())
+    assert (info.width, info.height, info.num_frames) == (96, 64, 36)
+    frames = ClipDecoder(video, info.width, info.height, 64, 64).clip([0, 2, 4])
+    local = ClipDecoder(VideoFile(str(synthetic_corpus.parent / "videos" / "fast_wide.mp4")), 96, 64, 64, 64)
+    assert np.array_equal(frames, local.clip([0, 2, 4]))
+    with pytest.raises(SourceError, match="no file"):
+        VideoFile("/corpus/absent.mp4", filesystem)
