@@ -113,8 +113,8 @@ def probe(video: VideoFile, cfg: PreprocessConfig) -> VideoInfo:
                           f"{video.uri} is not a video container the decoder knows: {message}") from None
     if info.num_frames < cfg.clip_span:
         raise SourceError("probe", "too_short",
-                          f"{info.num_frames} frames ({info.duration:.2f} s), but one clip of {cfg.num_frames} frames at stride "
-                          f"{cfg.frame_stride} spans {cfg.clip_span}")
+                          f"{info.num_frames} frames ({info.duration:.2f} s), but one clip of {cfg.num_frames} "
+                          f"frames at stride {cfg.frame_stride} spans {cfg.clip_span}")
     upscale = max(cfg.width / info.width, cfg.height / info.height)
     if upscale > cfg.max_upscale:
         raise SourceError("probe", "too_small",

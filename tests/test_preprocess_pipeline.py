@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -218,7 +217,8 @@ def test_reshard_filters_shuffles_and_keeps_payloads(preprocessed, tmp_path):
     assert sorted(resharded) == sorted(r["key"] for r in kept)
     assert all(resharded[k] == source_samples[k] for k in resharded)  # byte-identical payloads
     stats = pq.read_table(rs.output / "shards.parquet").to_pylist()
-    assert [s["samples"] for s in stats][:-1] == [7] * (len(stats) - 1) and sum(s["samples"] for s in stats) == len(kept)
+    assert [s["samples"] for s in stats][:-1] == [7] * (len(stats) - 1)
+    assert sum(s["samples"] for s in stats) == len(kept)
     order = [r["key"] for r in kept]
     in_input_order = [r["key"] for r in index if r["key"] in set(order)]
     assert order != in_input_order  # shuffled
