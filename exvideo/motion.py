@@ -27,8 +27,12 @@ def motion_score(pixels: torch.Tensor) -> float:
     return pixels.double().std(dim=0).mean().item()
 
 
+def bucket_of_score(score: float) -> int:
+    """Index of the largest threshold <= `score` (0..127)."""
+    return int((motion_bucket_thresholds() <= score).sum().item()) - 1
+
+
 def motion_bucket_id(pixels: torch.Tensor) -> tuple[int, float]:
     """(bucket index in 0..127, score) of a clip [T, C, H, W] (or [T, H, W, C]) with values in [-1, 1]."""
     score = motion_score(pixels)
-    thresholds = motion_bucket_thresholds()
-    return int((thresholds <= score).sum().item()) - 1, score
+    return bucket_of_score(score), score

@@ -9,29 +9,43 @@ from pathlib import Path
 
 from orchestration.config import ConfigError, load_config
 
-# subcommand -> (module, config class, run function, help). Modules import lazily: `exvideo --help` stays fast.
+# subcommand -> (module, config class, run function, summary formatter or None, help), in data-flow order.
+# Modules import lazily, so `exvideo --help` stays fast.
 STAGES = {
-    "demo": ("orchestration.demo", "DemoConfig", "run_demo",
+    "demo": ("orchestration.demo", "DemoConfig", "run_demo", None,
              "run the main job on embedded defaults (tiny models, CPU)"),
-    "train": ("pipelines.train", "TrainConfig", "run_training",
+    "preprocess": ("preprocessing.run", "PreprocessConfig", "run_preprocess", "format_summary",
+                   "corpus -> WebDataset latent shards on Ray Data (resumable); "
+                   "required: input=MANIFEST_OR_FOLDER output=DIR model=SVD_DIR"),
+    "reshard": ("preprocessing.reshard", "ReshardConfig", "run_reshard", "format_reshard_summary",
+                "filter, shuffle and rewrite a shard set into shards of a new size; required: input=SHARDS output=DIR"),
+    "train": ("pipelines.train", "TrainConfig", "run_training", None,
               "post-tune the temporal modules on latent shards (Ray Train)"),
-    "generate": ("pipelines.generate", "GenerateJobConfig", "run_generate_job",
+    "generate": ("pipelines.generate", "GenerateJobConfig", "run_generate_job", None,
                  "batch-generate long videos from a listing of images or prompts"),
-    "evaluate": ("pipelines.evaluate.run", "EvaluateConfig", "run_evaluation",
+    "evaluate": ("pipelines.evaluate.run", "EvaluateConfig", "run_evaluation", None,
                  "metrics, an HTML report and MLflow runs for folders of generated videos"),
 }
 
 
 def _run_stage(args: argparse.Namespace) -> None:
-    module_name, config_name, run_name, _ = STAGES[args.command]
+    module_name, config_name, run_name, formatter, _ = STAGES[args.command]
     module = importlib.import_module(module_name)
-    getattr(module, run_name)(load_config(getattr(module, config_name), args.config, args.overrides))
+    result = getattr(module, run_name)(load_config(getattr(module, config_name), args.config, args.overrides))
+    if formatter:
+        print(getattr(module, formatter)(result))
 
 
 def _make_tiny_model(args: argparse.Namespace) -> None:
     from exvideo import write_tiny_svd
 
     print(f"wrote tiny SVD checkpoint to {write_tiny_svd(args.path, seed=args.seed, overwrite=args.overwrite)}")
+
+
+def _make_synthetic_corpus(args: argparse.Namespace) -> None:
+    from preprocessing.synthetic import write_corpus
+
+    print(f"wrote a synthetic corpus; its manifest is {write_corpus(args.path, broken=not args.no_broken)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true")
     tiny.set_defaults(func=_make_tiny_model)
+
+    synthetic = commands.add_parser("make-synthetic-corpus",
+                                    help="write small real mp4 files (and broken ones) with a manifest")
+    synthetic.add_argument("path", type=Path)
+    synthetic.add_argument("--no-broken", action="store_true", help="leave out the deliberately broken files")
+    synthetic.set_defaults(func=_make_synthetic_corpus)
     return parser
 
 

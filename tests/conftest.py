@@ -43,3 +43,24 @@ def unet_inputs(num_frames: int, batch: int = 1, size: int = 8, seed: int = 0) -
         "encoder_hidden_states": torch.randn(batch, 1, 32, generator=g),
         "added_time_ids": torch.tensor([[29.0, 127.0, 0.02]] * batch),
     }
+
+
+@pytest.fixture(scope="session")
+def synthetic_corpus(tmp_path_factory) -> Path:
+    """Manifest (JSON list) of the synthetic corpus: real ffmpeg-written mp4s plus the deliberately broken files."""
+    from preprocessing.synthetic import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray (2 CPUs) for the whole session; tests that need Ray ask for it."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()

@@ -11,7 +11,6 @@ import PIL.Image
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 
 from exvideo import extend_unet, load_unet, save_adapter
@@ -21,16 +20,6 @@ from pipelines.generate.rows import check_row, read_rows
 from pipelines.generate.text_to_image import first_frame_from_text, load_text_to_image, write_tiny_text_to_image
 
 GOOD = ["from-image", "from-prompt", "seeded"]
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +69,7 @@ def _run(job_inputs, *extra: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def first_run(job_inputs, tiny_svd_dir, ray_session):
+def first_run(job_inputs, tiny_svd_dir, ray_local):
     job_inputs["model"] = tiny_svd_dir
     assert _run(job_inputs) == 0
     return job_inputs["root"] / "out"
@@ -140,7 +129,7 @@ def test_job_errors_name_the_bad_setting(job_inputs, tiny_svd_dir, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
-def test_csv_and_parquet_listings_read_alike(tmp_path, ray_session):
+def test_csv_and_parquet_listings_read_alike(tmp_path, ray_local):
     (tmp_path / "rows.csv").write_text("id,image,prompt,seed\n007,x.png,,5\n008,,a dog,\n")
     pq.write_table(pa.table({"id": ["007", "008"], "image": ["x.png", None], "prompt": [None, "a dog"],
                              "seed": [5, None]}), tmp_path / "rows.parquet")

@@ -8,7 +8,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import ray
 import torch
 import webdataset as wds
 
@@ -40,13 +39,6 @@ def write_shards(directory: Path, num_shards: int, per_shard: int, num_frames: i
                 )))
                 keys.append(key)
     return keys
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 def config(tmp_path, tiny_svd_dir, shards, **overrides) -> TrainConfig:

@@ -1,0 +1,80 @@
+"""The preprocessing stage's typed configuration and the hash that ties an output folder to it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from orchestration.config import StageConfig
+
+# Bump when the bytes a run writes change for the same config (sample layout, window choice, resize rule).
+FORMAT_VERSION = 1
+
+# Fields that only change how fast or how visibly a run goes, never what it writes: a resumed run may change them.
+EXECUTION_FIELDS = frozenset({
+    "encode_batch_size", "encode_actors", "encode_device", "gpus_per_actor", "decode_threads", "ray_address",
+    "progress",
+})
+
+
+class PreprocessConfig(StageConfig):
+    """Corpus -> WebDataset latent shards. Sizes default to the reference's training clips (128 x 512 x 512)."""
+
+    input: str = Field(..., description="manifest (.json list, .jsonl, .csv, .parquet) or a folder of videos; "
+                                        "local path or any URI pyarrow opens (s3://, gs://, hdfs://)")
+    output: Path = Field(..., description="output folder (local): shards, index, ledger, run manifest")
+    model: Path = Field(..., description="local diffusers-format SVD checkpoint whose VAE and CLIP encoder to use")
+
+    # What a clip is.
+    num_frames: int = Field(128, ge=2)
+    frame_stride: int = Field(1, ge=1, description="take every n-th source frame")
+    clips_per_video: int = Field(1, ge=1, description="1: the first window only; n: up to n windows per video")
+    clip_spacing: int | None = Field(None, ge=1, description="source frames between window starts "
+                                                             "(default: the window's span, so windows never overlap)")
+    height: int = Field(512, ge=8, multiple_of=8)
+    width: int = Field(512, ge=8, multiple_of=8)
+
+    # Which sources are accepted.
+    max_upscale: float = Field(2.0, gt=0, description="refuse sources whose short side must grow more than this")
+    allow_portrait: bool = True
+    reject_variable_frame_rate: bool = True
+    frame_rate_tolerance: float = Field(0.2, gt=0, description="largest relative spread of frame intervals "
+                                                               "(5th to 95th percentile) still called constant")
+
+    # Encoding.
+    encode_batch_size: int = Field(1, ge=1, description="clips per encoder call")
+    vae_chunk_frames: int = Field(16, ge=1, description="frames per VAE forward pass (bounds activation memory)")
+    encode_actors: int = Field(1, ge=1, description="size of the encoder actor pool")
+    encode_device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpus_per_actor: float = Field(1.0, gt=0, le=1)
+    encode_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    # Decoding and output.
+    decode_threads: int = Field(1, ge=0, description="decord threads per decode task (0: decord decides)")
+    shard_max_samples: int = Field(64, ge=1)
+    shard_max_bytes: int = Field(1 << 30, ge=1)
+
+    # Where it runs.
+    ray_address: str | None = Field(None, description="existing Ray cluster; none starts a local Ray")
+    progress: bool = True
+
+    @property
+    def clip_span(self) -> int:
+        """Source frames one clip covers, first to last inclusive."""
+        return (self.num_frames - 1) * self.frame_stride + 1
+
+    def content_fields(self) -> dict:
+        """The fields that decide what the run writes (not EXECUTION_FIELDS, output or model), JSON-ready."""
+        # Where the output and the weights live is not what the run writes: a moved folder stays resumable, and
+        # the encoder's weights are checked by their own fingerprint.
+        data = self.model_dump(mode="json", exclude=set(EXECUTION_FIELDS) | {"output", "model"})
+        data["format_version"] = FORMAT_VERSION
+        return data
+
+    def content_hash(self) -> str:
+        """Short hash of `content_fields`; shards, index and records carry it."""
+        return hashlib.sha256(json.dumps(self.content_fields(), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,41 @@
+"""Output folders belong to one configuration: a run resumes into its own folder and refuses anyone else's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from preprocessing.shards import write_atomic
+
+
+class OutputMismatchError(ValueError):
+    """The output folder holds a run made with another config or encoder; the message says what differs."""
+
+
+def claim_output(folder: Path, manifest_name: str, identity: dict) -> None:
+    """Check that `folder` is new, empty, or holds a run with the same `identity` (what decides its bytes).
+
+    A different identity raises OutputMismatchError listing each changed field: shards of two configurations
+    never mix in one folder.
+    """
+    folder = Path(folder)
+    path = folder / manifest_name
+    if not path.is_file():
+        if folder.is_dir() and any(folder.iterdir()):
+            raise OutputMismatchError(f"output {folder} is not empty and holds no {manifest_name}; "
+                                      "give an empty or new folder")
+        return
+    previous = json.loads(path.read_text()).get("identity", {})
+    changed = [f"{k}: {previous.get(k)!r} -> {identity.get(k)!r}"
+               for k in sorted(set(previous) | set(identity)) if previous.get(k) != identity.get(k)]
+    if changed:
+        raise OutputMismatchError(
+            f"output {folder} was written by another configuration; changed: {'; '.join(changed)}. Shards of "
+            "different configurations never mix: write to a new output folder, or delete this one")
+
+
+def write_run_manifest(folder: Path, manifest_name: str, identity: dict, **fields) -> dict:
+    """Write the run manifest (atomically) with its identity and any other fields; return it."""
+    manifest = {"identity": identity, **fields}
+    write_atomic(Path(folder) / manifest_name, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return manifest

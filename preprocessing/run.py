@@ -1,0 +1,127 @@
+"""The preprocessing stage: corpus -> Ray Data (prepare on CPU tasks, encode on an actor pool) -> shards.
+
+Design (README, "Preprocessing"): Ray Data streams clips in corpus order (`preserve_order`) and the driver
+writes the shards itself from `iter_rows`. One writer means shard numbering, sample placement and the commit
+records are deterministic, and resuming is "skip what the commit records say is done". Parallelism lives where
+the cost is, in decoding and encoding; writing is a sequential copy of already-encoded bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from preprocessing.config import PreprocessConfig
+from preprocessing.encode import ENTRY_COLUMNS, ClipEncoder, encoder_fingerprint, resolve_device
+from preprocessing.ledger import Failure
+from preprocessing.manifest import read_sources
+from preprocessing.outputs import claim_output, write_run_manifest
+from preprocessing.prepare import prepare_source
+from preprocessing.ray_setup import ensure_ray, ordered_quiet_data
+from preprocessing.shards import ShardSetWriter, discard_uncommitted, read_commits, write_tables
+
+RUN_MANIFEST = "run.json"
+MAX_INPUT_BLOCKS = 4096
+
+
+def _identity(cfg: PreprocessConfig, fingerprint: str) -> dict:
+    return {**cfg.content_fields(), "encoder_fingerprint": fingerprint}
+
+
+def _write_manifest(cfg: PreprocessConfig, config_hash: str, fingerprint: str, **fields) -> dict:
+    return write_run_manifest(cfg.output, RUN_MANIFEST, _identity(cfg, fingerprint), stage="preprocess",
+                              config=cfg.model_dump(mode="json"), config_hash=config_hash,
+                              encoder_fingerprint=fingerprint, ray_version=ray.__version__, **fields)
+
+
+def build_dataset(sources: list[dict], cfg: PreprocessConfig, config_hash: str, fingerprint: str):
+    """The Ray Data pipeline over `sources`: prepare (CPU tasks) -> encode (actor pool, GPU where present)."""
+    device = resolve_device(cfg, ray.cluster_resources().get("GPU", 0))
+    # Small blocks (one source each, up to a cap): decoding is the cost, so sources spread over every CPU at once.
+    dataset = ray.data.from_items(sources, override_num_blocks=max(1, min(len(sources), MAX_INPUT_BLOCKS)))
+    dataset = dataset.flat_map(prepare_source, fn_kwargs={"cfg": cfg})
+    return dataset.map_batches(
+        ClipEncoder, fn_constructor_kwargs={"cfg": cfg, "device": device, "config_hash": config_hash,
+                                            "fingerprint": fingerprint},
+        batch_size=cfg.encode_batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.encode_actors),
+        num_gpus=cfg.gpus_per_actor if device == "cuda" else 0,
+    )
+
+
+def _index_row(row: dict) -> dict:
+    frames = list(row["frame_indices"])
+    return {"key": row["key"], "source": row["source"], "clip_index": row["clip_index"], "caption": row["caption"],
+            "fps": row["fps"], "start_frame": frames[0], "end_frame": frames[-1], "num_frames": len(frames),
+            "motion_bucket": row["motion_bucket"], "motion_score": row["motion_score"],
+            "latent_mean": row["latent_mean"], "latent_std": row["latent_std"]}
+
+
+def run_preprocess(cfg: PreprocessConfig) -> dict:
+    """Run (or resume) preprocessing into `cfg.output`; return the run manifest with its counts."""
+    started = time.perf_counter()
+    config_hash, fingerprint = cfg.content_hash(), encoder_fingerprint(cfg.model)
+    claim_output(cfg.output, RUN_MANIFEST, _identity(cfg, fingerprint))
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    commits = read_commits(output)
+    removed = discard_uncommitted(output, commits)
+    if removed:
+        print(f"discarded {len(removed)} uncommitted file(s) of an interrupted run: {', '.join(removed)}")
+    _write_manifest(cfg, config_hash, fingerprint, status="running",
+                    started_at=datetime.now(timezone.utc).isoformat())
+
+    sources, manifest_failures = read_sources(cfg.input)
+    done = {s for c in commits for s in c["done_sources"]}
+    committed_keys = {row["key"] for c in commits for row in c["samples"]}
+    recorded = {Failure(**row).identity() for c in commits for row in c["failures"]}
+    pending = [s for s in sources if s["source"] not in done]
+    writer = ShardSetWriter(output, cfg.shard_max_samples, cfg.shard_max_bytes,
+                            first_shard=sum(1 for c in commits if c["shard"]), first_commit=len(commits))
+    writer.failures += [f for f in manifest_failures if f.identity() not in recorded]
+
+    written = 0
+    ensure_ray(cfg.ray_address)
+    with ordered_quiet_data(), tqdm(total=len(pending), unit="video", disable=not cfg.progress,
+                                     desc="preprocess") as bar:
+        if pending:
+            for row in build_dataset(pending, cfg, config_hash, fingerprint).iter_rows():
+                if row["stage"]:
+                    failure = Failure(row["source"], row["stage"], row["reason_code"], row["reason"],
+                                      row["clip_index"])
+                    if failure.identity() not in recorded:
+                        writer.failures.append(failure)
+                elif row["key"] not in committed_keys:
+                    entries = {"__key__": row["key"], **{name: row[col] for name, col in ENTRY_COLUMNS.items()}}
+                    writer.add(entries, _index_row(row))
+                    written += 1
+                if row["last_of_source"]:
+                    writer.done_sources.append(row["source"])
+                    bar.update(1)
+                    bar.set_postfix(clips=written, failed=len(writer.failures))
+        writer.commit()
+
+    counts = write_tables(output, read_commits(output))
+    elapsed = time.perf_counter() - started
+    return _write_manifest(
+        cfg, config_hash, fingerprint, status="complete", finished_at=datetime.now(timezone.utc).isoformat(),
+        counts={**counts, "sources": len(sources) + len(manifest_failures)},
+        this_invocation={"sources_processed": len(pending), "clips_written": written, "seconds": round(elapsed, 3),
+                         "clips_per_second": round(written / elapsed, 3) if elapsed > 0 else 0.0},
+    )
+
+
+def format_summary(manifest: dict) -> str:
+    """A few human lines: what was written, what failed and why, how fast."""
+    counts, now = manifest["counts"], manifest["this_invocation"]
+    lines = [f"preprocess {manifest['status']}: {counts['samples']} clips in {counts['shards']} shards "
+             f"({counts['bytes'] / 1e6:.1f} MB) from {counts['sources']} sources, config {manifest['config_hash']}",
+             f"  this run: {now['sources_processed']} sources, {now['clips_written']} clips in {now['seconds']:.1f} s "
+             f"({now['clips_per_second']:.2f} clips/s)",
+             f"  failed: {counts['failures']}" + "".join(f"\n    {code}: {n}"
+                                                         for code, n in counts["failures_by_reason"].items())]
+    return "\n".join(lines)
