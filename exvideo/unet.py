@@ -91,6 +91,9 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
     """
 
     time_proj: FramePositionTable
+    # With gradient checkpointing on, also recompute the temporal step (3D conv + temporal block) in backward.
+    # At 128 frames it holds most activations; diffusers' own checkpointing covers only the spatial block.
+    checkpoint_temporal_step: bool = True
 
     def _temporal_step(
         self,
@@ -144,15 +147,16 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
 
         checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
         for block, temporal_block in zip(self.transformer_blocks, self.temporal_transformer_blocks):
-            # Unlike diffusers, the temporal step is checkpointed too: at 128 frames it holds most activations.
             if checkpointing:
                 hidden_states = self._gradient_checkpointing_func(block, hidden_states, None, encoder_hidden_states)
+            else:
+                hidden_states = block(hidden_states, encoder_hidden_states=encoder_hidden_states)
+            if checkpointing and self.checkpoint_temporal_step:
                 mix = self._gradient_checkpointing_func(
                     self._temporal_step, temporal_block, hidden_states, emb, time_context,
                     batch_size, num_frames, height, width,
                 )
             else:
-                hidden_states = block(hidden_states, encoder_hidden_states=encoder_hidden_states)
                 mix = self._temporal_step(
                     temporal_block, hidden_states, emb, time_context, batch_size, num_frames, height, width
                 )

@@ -36,19 +36,25 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
-def build_unet(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict[str, nn.Parameter]]:
-    """Base UNet from disk, extended and frozen; frozen weights in bf16 if asked, trainable ones in fp32."""
-    unet = load_unet(cfg.svd_dir)
-    extend_unet(unet, cfg.num_frames)
+def prepare_unet(unet: nn.Module, num_frames: int, precision: str, gradient_checkpointing: bool,
+                 device: torch.device) -> dict[str, nn.Parameter]:
+    """Extend and freeze a base UNet for post-tuning, in place; frozen weights in bf16 if asked, trainable in fp32."""
+    extend_unet(unet, num_frames)
     trainable = freeze_for_post_tuning(unet)
-    if cfg.precision == "bf16":
+    if precision == "bf16":
         unet.to(torch.bfloat16)
         for param in trainable.values():
             param.data = param.data.float()
-    if cfg.gradient_checkpointing:
+    if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    unet.train()
-    return unet.to(device), trainable
+    unet.train().to(device)
+    return trainable
+
+
+def build_unet(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+    """The run's base UNet from disk, prepared for post-tuning."""
+    unet = load_unet(cfg.svd_dir)
+    return unet, prepare_unet(unet, cfg.num_frames, cfg.precision, cfg.gradient_checkpointing, device)
 
 
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
