@@ -4,13 +4,6 @@ registered under an alias, loads back and generates a video."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -29,46 +22,6 @@ GENERATION = {"num_frames": 4, "num_inference_steps": 2, "height": 64, "width": 
               "seed": 7}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A tracking server with its own sqlite store and artifact folder, stopped at the end of the module."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'store.db'}", "--artifacts-destination", (root / "art").as_uri()],
-        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        # The background job executor (for GenAI jobs) is not used here and triples the start-up time.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield uri, root
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # open keep-alive connections can hold a graceful shutdown
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, tiny_svd_dir):
     """An adapter for the tiny model: its UNet extended to 16 frames, temporal tensors nudged off the identity."""
@@ -80,8 +33,8 @@ def adapter(tmp_path_factory, tiny_svd_dir):
 
 
 @pytest.fixture(scope="module")
-def evaluated(server, adapter, tiny_svd_dir, tmp_path_factory):
-    uri, _ = server
+def evaluated(mlflow_server, adapter, tiny_svd_dir, tmp_path_factory):
+    uri, _ = mlflow_server
     videos = tmp_path_factory.mktemp("generated")
     write_generated(videos, "pan", translating_video(1, 1, 6), method="exvideo")
     write_generated(videos, "fade", fading_to_grey_video(6), method="sliding-window")

@@ -84,45 +84,11 @@ def trained_loss(unet, clips) -> float:
         return post_tuning_loss(unet, batch, sigma=sigma, noise=noise).item()
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a sqlite backend, stopped at the end."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    root = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        server.kill()
-        pytest.fail("mlflow server did not start")
-    yield uri
-    server.terminate()
-    server.wait(timeout=30)
-
-
 def test_two_workers_learn_agree_keep_frozen_weights_and_track(tmp_path, tiny_svd_dir, ray_local, mlflow_server):
     # One clip has NaN latents (a broken encoder output): its steps are skipped and counted, never applied.
     write_shards(tmp_path / "shards", num_shards=2, per_shard=3, nan_keys=("clip001_002",))
     cfg = config(tmp_path, tiny_svd_dir, tmp_path / "shards", num_workers=2, max_steps=12, checkpoint_every=6,
-                 tracking_uri=mlflow_server, experiment="train-test")
+                 tracking_uri=mlflow_server[0], experiment="train-test")
     result = run_training(cfg)
     assert result.steps == 12
     state = json.loads((result.checkpoint_dir / "state.json").read_text())
@@ -147,7 +113,7 @@ def test_two_workers_learn_agree_keep_frozen_weights_and_track(tmp_path, tiny_sv
     load_adapter(base, result.adapter)
     assert trained_loss(base, clips) < before
 
-    client = mlflow.MlflowClient(mlflow_server)
+    client = mlflow.MlflowClient(mlflow_server[0])
     run = client.get_run(result.mlflow_run_id)
     assert run.data.params["max_steps"] == "12" and run.data.params["num_workers"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 13))
