@@ -16,6 +16,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from pipelines.evaluate.tracking import experiment_id_for
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import list_shards
 from pipelines.train.loop import BEST_ADAPTER, REPLICA_FILE, train_worker
@@ -64,10 +65,11 @@ def _mlflow_run(cfg: TrainConfig) -> str:
     id_file = cfg.run_dir / RUN_ID_FILE
     if id_file.is_file():
         return id_file.read_text().strip()
-    mlflow.set_experiment(cfg.experiment)
+    # A new experiment in the embedded sqlite store keeps artifacts beside it, not in ./mlruns of the cwd.
+    experiment_id = experiment_id_for(cfg.experiment, cfg.storage_path)
     params: dict = {}
     _flatten("", cfg.model_dump(mode="json"), params)
-    with mlflow.start_run(run_name=cfg.name) as run:
+    with mlflow.start_run(run_name=cfg.name, experiment_id=experiment_id) as run:
         mlflow.log_params(params)
         mlflow.set_tag("exvideo.stage", "train")
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
