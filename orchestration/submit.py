@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -16,6 +17,7 @@ import yaml
 from orchestration.spec import WorkflowSpec
 
 SPEC_NAME = "workflow.yaml"
+AGENT_WAIT_S = 120.0
 
 
 def _absolute(spec: WorkflowSpec) -> dict:
@@ -25,6 +27,20 @@ def _absolute(spec: WorkflowSpec) -> dict:
     if "://" not in spec.corpus:
         data["corpus"] = str(Path(spec.corpus).resolve())
     return data
+
+
+def _submit(client, wait_s: float = AGENT_WAIT_S, **job) -> str:
+    """Submit, waiting while the cluster's job agent is not up yet (a head that has just started answers the Jobs
+    API before its agent accepts jobs, and says to try again)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "try again later" not in str(exc) or time.monotonic() > deadline:
+                raise
+            print(f"the cluster is not ready for jobs yet ({exc}); retrying", flush=True)
+            time.sleep(2)
 
 
 async def _stream(client, job_id: str) -> None:
@@ -40,8 +56,8 @@ def submit_workflow(spec: WorkflowSpec, address: str, stage_args: list[str]) -> 
     client = JobSubmissionClient(address)
     with tempfile.TemporaryDirectory(prefix="exvideo-job-") as folder:
         (Path(folder) / SPEC_NAME).write_text(yaml.safe_dump(_absolute(spec), sort_keys=False))
-        job_id = client.submit_job(entrypoint=" ".join(["exvideo", "run", SPEC_NAME, *stage_args]),
-                                   runtime_env={"working_dir": folder}, metadata={"exvideo.workdir": str(spec.workdir)})
+        job_id = _submit(client, entrypoint=" ".join(["exvideo", "run", SPEC_NAME, *stage_args]),
+                         runtime_env={"working_dir": folder}, metadata={"exvideo.workdir": str(spec.workdir)})
     print(f"submitted job {job_id} to {address}; streaming its logs (Ctrl-C stops following, not the job)")
     asyncio.run(_stream(client, job_id))
     status = str(client.get_job_status(job_id).value)

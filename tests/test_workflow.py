@@ -200,7 +200,7 @@ def ray_head():
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGTERM)
             try:
-                head.wait(timeout=60)
+                head.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(head.pid, signal.SIGKILL)
                 head.wait()
