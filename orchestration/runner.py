@@ -55,7 +55,7 @@ def _source_keys(spec: WorkflowSpec) -> dict[str, str]:
     """Keys of the spec's own inputs: where they are, plus the manifest's and model index's bytes."""
     corpus = Path(spec.corpus)
     return {"corpus": f"{spec.corpus}:{_file_digest(corpus)}",
-            "model": f"{Path(spec.model).resolve()}:{_file_digest(Path(spec.model) / 'model_index.json')}"}
+            "model": f"{spec.model}:{_file_digest(spec.model / 'model_index.json')}"}
 
 
 def stage_keys(spec: WorkflowSpec) -> dict[str, str]:
@@ -117,7 +117,7 @@ def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None 
 
     selected = select_stages(spec, start, only)
     keys = stage_keys(spec)
-    records = [StageRecord(name, key, (spec.workdir / f"{name}-{key}").resolve()) for name, key in keys.items()]
+    records = [StageRecord(name, key, spec.workdir / f"{name}-{key}") for name, key in keys.items()]
     spec.workdir.mkdir(parents=True, exist_ok=True)
     upstream: dict[str, dict] = {}
     parent = tracking.start_workflow_run(spec, keys, spec_path)

@@ -46,6 +46,7 @@ OPTIONAL_STAGES = {"reshard"}
 class WorkflowSpec(StageConfig):
     """The whole pipeline: where it writes, what it reads, where it tracks and runs, and each stage's fields."""
 
+    # Relative paths are taken from the current directory and stored absolute.
     workdir: Path = Field(description="every stage's output lands in <workdir>/<stage>-<key>")
     corpus: str = Field(description="video manifest (.json, .jsonl, .csv, .parquet) or folder of videos")
     model: Path = Field(description="local diffusers-format SVD checkpoint every stage uses")
@@ -57,6 +58,17 @@ class WorkflowSpec(StageConfig):
     train: dict[str, Any] = Field(default_factory=dict)
     generate: dict[str, Any] = Field(default_factory=dict)
     evaluate: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("workdir", "model")
+    @classmethod
+    def _absolute_path(cls, value: Path) -> Path:
+        # Ray workers run in their own working directories: every path a stage hands them must be absolute.
+        return value.resolve()
+
+    @field_validator("corpus")
+    @classmethod
+    def _absolute_local_corpus(cls, value: str) -> str:
+        return value if "://" in value else str(Path(value).resolve())
 
     @field_validator("preprocess", "train", "generate", "evaluate", mode="before")
     @classmethod

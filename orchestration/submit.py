@@ -1,8 +1,8 @@
 """Run a workflow on an existing Ray cluster through the Ray Jobs API, streaming the job's logs back.
 
-The cluster runs `exvideo run workflow.yaml` as the job's driver, with the spec (config files inlined, overrides
-applied, relative paths made absolute on this machine) uploaded as the job's working directory. Its paths must
-therefore exist on the cluster: on a real cluster, shared storage mounted at the same path everywhere.
+The cluster runs `exvideo run workflow.yaml` as the job's driver, with the spec as loaded here (config files
+inlined, overrides applied, relative paths made absolute on this machine) uploaded as the job's working directory.
+Its paths must therefore exist on the cluster: on a real cluster, shared storage mounted at the same path everywhere.
 """
 
 from __future__ import annotations
@@ -17,16 +17,7 @@ import yaml
 from orchestration.spec import WorkflowSpec
 
 SPEC_NAME = "workflow.yaml"
-AGENT_WAIT_S = 120.0
-
-
-def _absolute(spec: WorkflowSpec) -> dict:
-    data = spec.model_dump(mode="json", exclude_none=True)
-    for name in ("workdir", "model"):
-        data[name] = str(Path(data[name]).resolve())
-    if "://" not in spec.corpus:
-        data["corpus"] = str(Path(spec.corpus).resolve())
-    return data
+AGENT_WAIT_S = 60.0
 
 
 def _submit(client, wait_s: float = AGENT_WAIT_S, **job) -> str:
@@ -55,7 +46,8 @@ def submit_workflow(spec: WorkflowSpec, address: str, stage_args: list[str]) -> 
 
     client = JobSubmissionClient(address)
     with tempfile.TemporaryDirectory(prefix="exvideo-job-") as folder:
-        (Path(folder) / SPEC_NAME).write_text(yaml.safe_dump(_absolute(spec), sort_keys=False))
+        resolved = spec.model_dump(mode="json", exclude_none=True)
+        (Path(folder) / SPEC_NAME).write_text(yaml.safe_dump(resolved, sort_keys=False))
         job_id = _submit(client, entrypoint=" ".join(["exvideo", "run", SPEC_NAME, *stage_args]),
                          runtime_env={"working_dir": folder}, metadata={"exvideo.workdir": str(spec.workdir)})
     print(f"submitted job {job_id} to {address}; streaming its logs (Ctrl-C stops following, not the job)")

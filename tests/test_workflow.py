@@ -178,7 +178,8 @@ def ray_head():
     `--block` keeps the head's processes children of the one we start; stopping that process group stops exactly
     this head (`ray stop` would stop every Ray of this user on the machine, other test sessions' included).
     """
-    port, dashboard = free_port(), free_port()
+    # Every port explicit: Ray's fixed defaults (the agent's 52365) clash with any other Ray on the machine.
+    port, dashboard, agent, agent_grpc, metrics = (free_port() for _ in range(5))
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -186,7 +187,8 @@ def ray_head():
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
          "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}"],
+         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}", f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -200,7 +202,7 @@ def ray_head():
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGTERM)
             try:
-                head.wait(timeout=15)
+                head.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(head.pid, signal.SIGKILL)
                 head.wait()
