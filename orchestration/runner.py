@@ -139,19 +139,7 @@ def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None 
                                  f"run it first: exvideo run SPEC --from {record.name}")
             else:
                 print(f"[{number}/{len(records)}] {record.name}: running in {record.folder}")
-                if record.name in NEEDS_RAY:
-                    _ensure_ray(spec)
-                record.folder.mkdir(parents=True, exist_ok=True)
-                started = time.perf_counter()
-                try:
-                    record.outputs, run_id, lineage = _run_one(spec, record, upstream, parent)
-                except BaseException:
-                    record.status = "failed"
-                    raise
-                record.seconds = time.perf_counter() - started
-                record.mlflow_run_id = tracking.record_stage_run(spec, parent, record, run_id, lineage)
-                _write_marker(record)
-                record.status = "ran"
+                _execute(spec, record, upstream, parent)
                 print(f"[{number}/{len(records)}] {record.name}: done in {record.seconds:.1f} s")
             upstream[record.name] = record.outputs
             if only and record.name == only:
@@ -163,10 +151,24 @@ def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None 
     return records
 
 
-def _ensure_ray(spec: WorkflowSpec) -> None:
+def _execute(spec: WorkflowSpec, record: StageRecord, upstream: dict[str, dict], parent_run_id: str) -> None:
+    """Run one stage in its folder, track it, and mark it complete (the marker last)."""
+    from orchestration import tracking
     from preprocessing.ray_setup import ensure_ray
 
-    ensure_ray(spec.ray_address)
+    if record.name in NEEDS_RAY:
+        ensure_ray(spec.ray_address)  # started on first need: a run with nothing to do never starts Ray
+    record.folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        record.outputs, run_id, lineage = _run_one(spec, record, upstream, parent_run_id)
+    except BaseException:
+        record.status = "failed"
+        raise
+    record.seconds = time.perf_counter() - started
+    record.mlflow_run_id = tracking.record_stage_run(spec, parent_run_id, record, run_id, lineage)
+    _write_marker(record)
+    record.status = "ran"
 
 
 def format_summary(spec: WorkflowSpec, records: list[StageRecord]) -> str:
