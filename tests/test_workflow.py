@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestration.cli import main
 from orchestration.config import ConfigError
-from orchestration.runner import MARKER, select_stages
+from orchestration.runner import MARKER, select_stages, stage_keys
 from orchestration.spec import load_spec, validate_spec
 
 TINY_STAGES = {
@@ -234,3 +234,16 @@ def test_workflow_submitted_through_the_ray_jobs_api_completes(workflow, ray_hea
     assert re.search(r"job \S+: SUCCEEDED", out)
     reports = sorted(workdir.glob("evaluate-*/report/index.html"))
     assert len(reports) == 2 and "on the cluster" in max(reports, key=os.path.getmtime).read_text()
+
+
+def test_only_redoes_one_stage_in_its_folder(workflow, capsys):
+    workdir = workflow["workdir"]
+    evaluate = workdir / f"evaluate-{stage_keys(load_spec(workflow['spec']))['evaluate']}"  # the jobs test made another
+    upstream = {stage: mtimes(stage_folder(workdir, stage)) for stage in ("preprocess", "train", "generate")}
+    marker_before = (evaluate / MARKER).stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["run", str(workflow["spec"]), "--only", "evaluate"]) == 0
+    out = capsys.readouterr().out
+    assert "[4/4] evaluate: running in" in out and out.count("done before, skipped") == 3
+    assert (evaluate / MARKER).stat().st_mtime_ns > marker_before
+    assert {stage: mtimes(stage_folder(workdir, stage)) for stage in upstream} == upstream
