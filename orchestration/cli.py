@@ -48,6 +48,21 @@ def _make_synthetic_corpus(args: argparse.Namespace) -> None:
     print(f"wrote a synthetic corpus; its manifest is {write_corpus(args.path, broken=not args.no_broken)}")
 
 
+def _run_workflow(args: argparse.Namespace) -> int:
+    from orchestration.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    stage_args = [*(["--from", args.start] if args.start else []), *(["--only", args.only] if args.only else [])]
+    if args.address:
+        from orchestration.submit import submit_workflow
+
+        return 0 if submit_workflow(spec, args.address, stage_args) == "SUCCEEDED" else 1
+    from orchestration.runner import format_summary, run_workflow
+
+    print(format_summary(spec, run_workflow(spec, start=args.start, only=args.only, spec_path=str(args.spec))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exvideo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="override one config field (repeatable; nested with dots: params.num_frames=48)")
         stage.set_defaults(func=_run_stage)
+
+    workflow = commands.add_parser("run", help="run a workflow spec: preprocess -> (reshard) -> train -> generate "
+                                               "-> evaluate, skipping completed stages and resuming a failed one")
+    workflow.add_argument("spec", type=Path, help="workflow YAML (see configs/demo.yaml)")
+    stages = workflow.add_mutually_exclusive_group()
+    stages.add_argument("--from", dest="start", metavar="STAGE", help="redo STAGE and everything after it")
+    stages.add_argument("--only", metavar="STAGE", help="redo only STAGE (its inputs must be complete)")
+    workflow.add_argument("--address", help="submit to this Ray cluster's Jobs API (http://HEAD:8265) and stream "
+                                            "the logs; default: run here with Ray started in-process")
+    workflow.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a spec field (train.max_steps=10)")
+    workflow.set_defaults(func=_run_workflow)
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random SVD checkpoint in diffusers format")
     tiny.add_argument("path", type=Path)
@@ -77,11 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"exvideo {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

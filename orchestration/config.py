@@ -58,8 +58,16 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']} (got {err.get('input')!r})"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid {cls.__name__} from {source}: {problems}") from None
+        raise ConfigError(f"invalid {cls.__name__} from {source}: {describe_errors(exc)}") from None
+
+
+def describe_errors(exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem: the dotted field path (under `prefix`), what is wrong and the value given."""
+    problems = []
+    for err in exc.errors():
+        field = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"]])
+        if field:
+            problems.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
+        else:  # a check across fields: its message names them, and the input is the whole mapping
+            problems.append(err["msg"].removeprefix("Value error, "))
+    return "; ".join(problems)

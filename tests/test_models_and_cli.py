@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,28 +58,34 @@ def test_tiny_writer_refuses_to_overwrite(tmp_path):
 
 
 def test_config_overrides_and_precise_errors(tmp_path):
-    cfg = load_config(DemoConfig, None, ["num_frames=40", "workdir=/tmp/x"])
-    assert cfg.num_frames == 40 and str(cfg.workdir) == "/tmp/x"
-    with pytest.raises(ConfigError, match=r"num_frames: Input should be less than or equal to 128 \(got 500\)"):
-        load_config(DemoConfig, None, ["num_frames=500"])
+    cfg = load_config(DemoConfig, None, ["seed=4", "workdir=/tmp/x", "spec_overrides=[train.max_steps=2]"])
+    assert cfg.seed == 4 and str(cfg.workdir) == "/tmp/x" and cfg.spec_overrides == ["train.max_steps=2"]
+    with pytest.raises(ConfigError, match=r"seed: Input should be greater than or equal to 0 \(got -1\)"):
+        load_config(DemoConfig, None, ["seed=-1"])
     with pytest.raises(ConfigError, match="frames: Extra inputs are not permitted"):
         load_config(DemoConfig, None, ["frames=4"])
-    (tmp_path / "bad.yaml").write_text("height: [1, 2\n")
+    (tmp_path / "bad.yaml").write_text("seed: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(DemoConfig, tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="must look like key=value"):
-        load_config(DemoConfig, None, ["num_frames"])
+        load_config(DemoConfig, None, ["seed"])
 
 
-def test_demo_command_generates_and_post_tunes(tmp_path, capsys):
-    assert main(["demo", "--set", f"workdir={tmp_path}", "--set", "num_frames=32", "--set", "train_steps=2"]) == 0
+def test_demo_command_runs_the_whole_workflow(tmp_path, capsys):
+    """`exvideo demo` (what `make demo` runs) on the shipped spec, shrunk to the fewest steps."""
+    shrink = "[preprocess.num_frames=8, train.num_frames=16, train.max_steps=2, generate.conditioning_videos=1, " \
+             "generate.params.num_frames=16, generate.params.steps=2]"
+    assert main(["demo", "--set", f"workdir={tmp_path}", "--set", f"spec_overrides={shrink}"]) == 0
     out = capsys.readouterr().out
-    assert "denoised a 32-frame latent video in 3 steps: shape (1, 32, 4, 8, 8)" in out
-    assert "post-tuned 528 tensors" in out
-    assert (tmp_path / "adapter.safetensors").is_file()
-    assert (tmp_path / "tiny-svd" / "model_index.json").is_file()
+    assert (tmp_path / "tiny-svd" / "model_index.json").is_file() and (tmp_path / "corpus" / "metadata.json").is_file()
+    for stage in ("preprocess", "train", "generate", "evaluate"):
+        assert re.search(rf"^  {stage} +ran ", out, re.M), out[-2000:]
+    videos = re.search(r"^  videos +(\S+)$", out, re.M).group(1)
+    assert [p.name for p in Path(videos).glob("*.mp4")] == ["video0.mp4"]
+    assert Path(re.search(r"^  report +(\S+)$", out, re.M).group(1)).is_file()
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path.resolve()}/mlflow.db" in out
 
 
 def test_cli_reports_bad_config_without_traceback(capsys):
-    assert main(["demo", "--set", "steps=0"]) == 2
-    assert "steps: Input should be greater than or equal to 1" in capsys.readouterr().err
+    assert main(["demo", "--set", "seed=-1"]) == 2
+    assert "seed: Input should be greater than or equal to 0" in capsys.readouterr().err

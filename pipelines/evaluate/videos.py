@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, Field, ValidationError
 
 
 class VideoRecord(BaseModel):
@@ -23,12 +23,14 @@ class VideoRecord(BaseModel):
 
     id: str
     method: str
-    num_frames: int = Field(ge=1)
+    # The generation job's records say `frames` and keep the first frame under `outputs`.
+    num_frames: int = Field(ge=1, validation_alias=AliasChoices("num_frames", "frames"))
     fps: float = Field(gt=0)
     seed: int
     run: str | None = None
     conditioning_image: Path | None = Field(
-        None, validation_alias=AliasChoices("conditioning_image", "first_frame", "first_frame_png", "image"),
+        None, validation_alias=AliasChoices("conditioning_image", "first_frame", "first_frame_png", "image",
+                                      AliasPath("outputs", "first_frame")),
     )
 
 

@@ -1,0 +1,187 @@
+"""The workflow runner: the spec's stages as a DAG, each output keyed by content, skipped when done, resumed when not.
+
+A stage's key hashes its config (the section's fields, without the wired paths) and its inputs' keys (the corpus
+and model for the first stages, the upstream stages' keys after that). Its output folder is
+`<workdir>/<stage>-<key>`; a `_complete.json` marker, written atomically after everything else, records its
+outputs. A marker means "done": the stage is skipped. No marker means "not done": the stage runs again in the same
+folder, and since every stage resumes from what it left there, a failed stage continues where it stopped.
+Changing a stage's fields (or an upstream stage's) gives it a new key and a new folder; old folders stay.
+
+MLflow: one parent run per invocation, tagged with every stage's key and output folder, and one nested run per stage
+that ran, carrying lineage tags (the shards that trained an adapter, the adapter that made the videos, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from orchestration.spec import WIRED, WorkflowSpec
+
+MARKER = "_complete.json"
+# Which stages each stage reads from; "corpus" and "model" are the spec's own inputs.
+INPUTS = {
+    "preprocess": ("corpus", "model"),
+    "reshard": ("preprocess",),
+    "train": ("model", "reshard|preprocess"),
+    "generate": ("model", "preprocess", "train"),
+    "evaluate": ("model", "generate"),
+}
+NEEDS_RAY = {"preprocess", "reshard", "train", "generate"}
+
+
+@dataclass
+class StageRecord:
+    """One stage of one invocation: its key and folder, what happened, and what it made."""
+
+    name: str
+    key: str
+    folder: Path
+    status: str = "pending"  # ran | skipped (done before) | failed | not selected
+    outputs: dict = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    seconds: float = 0.0
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "-"
+
+
+def _source_keys(spec: WorkflowSpec) -> dict[str, str]:
+    """Keys of the spec's own inputs: where they are, plus the manifest's and model index's bytes."""
+    corpus = Path(spec.corpus)
+    return {"corpus": f"{spec.corpus}:{_file_digest(corpus)}",
+            "model": f"{spec.model}:{_file_digest(spec.model / 'model_index.json')}"}
+
+
+def stage_keys(spec: WorkflowSpec) -> dict[str, str]:
+    """Every stage's content key, in order."""
+    keys = _source_keys(spec)
+    for stage in spec.stages:
+        config = spec.stage_config(stage, WIRED[stage])
+        fields = config.model_dump(mode="json", exclude=set(WIRED[stage]))
+        if stage == "generate":
+            fields["conditioning_videos"] = spec.generate.get("conditioning_videos")
+        inputs = [keys[next(s for s in name.split("|") if s in keys)] for name in INPUTS[stage]]
+        digest = json.dumps({"stage": stage, "fields": fields, "inputs": inputs}, sort_keys=True)
+        keys[stage] = hashlib.sha256(digest.encode()).hexdigest()[:12]
+    return {stage: keys[stage] for stage in spec.stages}
+
+
+def read_marker(folder: Path) -> dict | None:
+    marker = folder / MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def _write_marker(record: StageRecord) -> None:
+    marker = record.folder / MARKER
+    tmp = marker.with_name(MARKER + ".tmp")
+    tmp.write_text(json.dumps({"stage": record.name, "key": record.key, "outputs": record.outputs,
+                               "mlflow_run_id": record.mlflow_run_id, "seconds": round(record.seconds, 2),
+                               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=1))
+    tmp.replace(marker)
+
+
+def select_stages(spec: WorkflowSpec, start: str | None, only: str | None) -> list[str]:
+    """The stages this invocation may run: all, from `start` on, or `only` one."""
+    for flag, stage in (("--from", start), ("--only", only)):
+        if stage is not None and stage not in spec.stages:
+            raise ValueError(f"{flag} {stage}: this spec's stages are {', '.join(spec.stages)}")
+    if only:
+        return [only]
+    if start:
+        return spec.stages[spec.stages.index(start):]
+    return list(spec.stages)
+
+
+def _run_one(spec: WorkflowSpec, record: StageRecord, upstream: dict[str, dict], parent_run_id: str):
+    from orchestration import stages
+
+    if record.name == "evaluate":
+        return stages.run_evaluate_stage(spec, record.folder, upstream, parent_run_id)
+    return getattr(stages, f"run_{record.name}_stage")(spec, record.folder, upstream)
+
+
+def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None = None,
+                 spec_path: str | None = None) -> list[StageRecord]:
+    """Run the spec's stages in order, skipping completed ones; return every stage's record.
+
+    `start` / `only` select stages; selected stages run even when done (their marker is dropped first), and the
+    stages before them must be complete.
+    """
+    from orchestration import tracking
+
+    selected = select_stages(spec, start, only)
+    keys = stage_keys(spec)
+    records = [StageRecord(name, key, spec.workdir / f"{name}-{key}") for name, key in keys.items()]
+    spec.workdir.mkdir(parents=True, exist_ok=True)
+    upstream: dict[str, dict] = {}
+    parent = tracking.start_workflow_run(spec, keys, spec_path)
+    print(f"workflow: {len(records)} stages {' -> '.join(keys)}; MLflow run {parent} at {spec.resolved_tracking_uri}")
+    try:
+        for number, record in enumerate(records, 1):
+            marker = read_marker(record.folder)
+            forced = record.name in selected and (start or only)
+            if marker and forced:
+                (record.folder / MARKER).unlink()
+                marker = None
+            if marker:
+                record.status, record.outputs = "skipped", marker["outputs"]
+                record.mlflow_run_id = marker["mlflow_run_id"]
+                print(f"[{number}/{len(records)}] {record.name}: done before, skipped ({record.folder})")
+            elif record.name not in selected:
+                record.status = "not selected"
+                raise ValueError(f"{record.name} has not completed for this spec (no {record.folder / MARKER}); "
+                                 f"run it first: exvideo run SPEC --from {record.name}")
+            else:
+                print(f"[{number}/{len(records)}] {record.name}: running in {record.folder}")
+                _execute(spec, record, upstream, parent)
+                print(f"[{number}/{len(records)}] {record.name}: done in {record.seconds:.1f} s")
+            upstream[record.name] = record.outputs
+            if only and record.name == only:
+                break
+    except BaseException:
+        tracking.end_workflow_run(spec, parent, records, "FAILED")
+        raise
+    tracking.end_workflow_run(spec, parent, records, "FINISHED")
+    return records
+
+
+def _execute(spec: WorkflowSpec, record: StageRecord, upstream: dict[str, dict], parent_run_id: str) -> None:
+    """Run one stage in its folder, track it, and mark it complete (the marker last)."""
+    from orchestration import tracking
+    from preprocessing.ray_setup import ensure_ray
+
+    if record.name in NEEDS_RAY:
+        ensure_ray(spec.ray_address)  # started on first need: a run with nothing to do never starts Ray
+    record.folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        record.outputs, run_id, lineage = _run_one(spec, record, upstream, parent_run_id)
+    except BaseException:
+        record.status = "failed"
+        raise
+    record.seconds = time.perf_counter() - started
+    record.mlflow_run_id = tracking.record_stage_run(spec, parent_run_id, record, run_id, lineage)
+    _write_marker(record)
+    record.status = "ran"
+
+
+def format_summary(spec: WorkflowSpec, records: list[StageRecord]) -> str:
+    """Where everything is: each stage's status and folder, the videos, the report and how to open MLflow."""
+    lines = ["workflow summary:"]
+    for record in records:
+        lines.append(f"  {record.name:<10} {record.status:<8} {record.folder}")
+    outputs = {record.name: record.outputs for record in records}
+    for label, stage, key in (("adapter", "train", "adapter"), ("videos", "generate", "videos"),
+                              ("report", "evaluate", "report")):
+        if outputs.get(stage, {}).get(key):
+            lines.append(f"  {label:<10} {outputs[stage][key]}")
+    lines.append(f"  MLflow UI  mlflow ui --backend-store-uri {spec.resolved_tracking_uri}"
+                 if spec.resolved_tracking_uri.startswith("sqlite:") else f"  MLflow     {spec.resolved_tracking_uri}")
+    return "\n".join(lines)
+

@@ -1,0 +1,249 @@
+"""The workflow: spec validation, stage caching, resume after a failure in train, lineage, and the Ray Jobs API.
+
+One real workflow run (tiny sizes) is shared by the module: it first fails in train (the model lost its UNet), is
+fixed and resumed; later tests rerun it, read its MLflow store and submit it to a real local Ray head.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestration.cli import main
+from orchestration.config import ConfigError
+from orchestration.runner import MARKER, select_stages, stage_keys
+from orchestration.spec import load_spec, validate_spec
+
+TINY_STAGES = {
+    "preprocess": {"num_frames": 8, "height": 64, "width": 64, "shard_max_samples": 4},
+    "train": {"num_frames": 16, "max_steps": 2, "checkpoint_every": 2, "log_every": 1,
+              "gradient_checkpointing": False},
+    "generate": {"conditioning_videos": 1, "params": {"num_frames": 16, "height": 64, "width": 64, "steps": 2}},
+    "evaluate": {"title": "workflow test"},
+}
+
+
+def spec_data(root: Path, corpus: Path, model: Path) -> dict:
+    return {"workdir": str(root / "work"), "corpus": str(corpus), "model": str(model), **TINY_STAGES}
+
+
+def write_spec(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# -- validation ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {"max_steps": 0}}, r"train\.max_steps: Input should be greater than or equal to 1 \(got 0\)"),
+    ({"train": {"shards": "x/*.tar"}}, r"train\.shards is set by the workflow .* remove it from the train section"),
+    ({"generate": {"output": "elsewhere"}}, r"generate\.output is set by the workflow"),
+    ({"train": {"precision": "bf16"}}, r"train: .*precision bf16 is for GPUs; on CPU use precision=fp32"),
+    ({"preprocess": {"heigth": 64}}, r"preprocess\.heigth: Extra inputs are not permitted"),
+    ({"evaluate": {"fvd_num_frames": "many"}}, r"evaluate\.fvd_num_frames: Input should be a valid integer"),
+    ({"reshard": {"motion_bucket_min": 500}}, r"reshard\.motion_bucket_min: Input should be less than or equal to 127"),
+    ({"generate": {"conditioning_videos": 0}}, r"generate\.conditioning_videos must be a positive integer \(got 0\)"),
+    ({"trian": {}}, r"trian: Extra inputs are not permitted"),
+    ({"corpus": None}, r"corpus: Input should be a valid string \(got None\)"),
+])
+def test_spec_validator_names_the_field_and_the_fix(tmp_path, change, message):
+    data = {**spec_data(tmp_path, tmp_path / "m.json", tmp_path / "model"), **change}
+    with pytest.raises(ConfigError, match=message):
+        validate_spec(data)
+
+
+def test_spec_reads_config_files_and_reports_bad_files(tmp_path, capsys):
+    (tmp_path / "train.yaml").write_text("max_steps: 7\nlr: 0.5\n")
+    data = spec_data(tmp_path, tmp_path / "m.json", tmp_path / "model")
+    data["train"] = {"config_file": "train.yaml", "lr": 0.25}
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", data), ["train.seed=3"])
+    assert spec.train == {"max_steps": 7, "lr": 0.25, "seed": 3}  # inline beats the file, overrides beat both
+    assert spec.stages == ["preprocess", "train", "generate", "evaluate"]
+    data["train"] = {"config_file": "missing.yaml"}
+    with pytest.raises(ConfigError, match=r"train\.config_file .*missing\.yaml does not exist"):
+        load_spec(write_spec(tmp_path / "spec.yaml", data))
+    assert main(["run", str(tmp_path / "spec.yaml")]) == 2
+    assert "missing.yaml does not exist" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--only deploy: this spec's stages are preprocess, train"):
+        select_stages(spec, None, "deploy")
+
+
+# -- one real run, failing in train and resumed -----------------------------------------------------------------
+
+def stage_folder(workdir: Path, stage: str) -> Path:
+    (folder,) = workdir.glob(f"{stage}-*")
+    return folder
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def workflow(tmp_path_factory, tiny_svd_dir, synthetic_corpus):
+    root = tmp_path_factory.mktemp("workflow")
+    model = shutil.copytree(tiny_svd_dir, root / "svd")
+    spec = write_spec(root / "spec.yaml", spec_data(root, synthetic_corpus, model))
+    workdir = root / "work"
+    # Preprocessing reads only the VAE and the image encoder, so the UNet's absence shows first in train.
+    shutil.move(model / "unet", root / "unet-aside")
+    assert main(["run", str(spec)]) == 2
+    preprocess = stage_folder(workdir, "preprocess")
+    failed = {"preprocess": mtimes(preprocess), "train_marker": list(workdir.glob(f"train-*/{MARKER}"))}
+    shutil.move(root / "unet-aside", model / "unet")
+    assert main(["run", str(spec)]) == 0
+    return {"spec": spec, "workdir": workdir, "failed": failed}
+
+
+def test_failed_train_resumes_without_redoing_preprocessing(workflow, capsys):
+    workdir = workflow["workdir"]
+    assert workflow["failed"]["train_marker"] == []  # the failed stage left no completion marker
+    preprocess = stage_folder(workdir, "preprocess")
+    assert mtimes(preprocess) == workflow["failed"]["preprocess"]  # untouched by the resumed run
+    for stage in ("train", "generate", "evaluate"):
+        assert (stage_folder(workdir, stage) / MARKER).is_file()
+    videos = sorted(p.name for p in (stage_folder(workdir, "generate") / "videos").glob("*.mp4"))
+    assert videos == ["video0.mp4"]
+    assert (stage_folder(workdir, "evaluate") / "report" / "index.html").is_file()
+
+
+def test_second_run_of_a_completed_spec_does_no_work(workflow, capsys):
+    workdir = workflow["workdir"]
+    before = {stage: mtimes(stage_folder(workdir, stage)) for stage in ("preprocess", "train", "generate", "evaluate")}
+    capsys.readouterr()
+    assert main(["run", str(workflow["spec"])]) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^\[\d/4\] \w+: done before, skipped", out, re.M)) == 4
+    assert "running in" not in out
+    assert {stage: mtimes(stage_folder(workdir, stage)) for stage in before} == before
+    assert re.search(rf"^  report +{re.escape(str(stage_folder(workdir, 'evaluate')))}/report/index.html$", out, re.M)
+    assert f"mlflow ui --backend-store-uri sqlite:///{workdir.resolve()}/mlflow.db" in out
+
+
+def test_stage_runs_nest_under_the_workflow_run_with_lineage(workflow):
+    workdir = workflow["workdir"]
+    mlflow.set_tracking_uri(f"sqlite:///{workdir.resolve()}/mlflow.db")
+    client = MlflowClient()
+    (experiment,) = [e for e in client.search_experiments() if e.name == "exvideo-workflow"]
+    runs = client.search_runs([experiment.experiment_id], max_results=200)
+    by_stage = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags.get("exvideo.stage"), []).append(run)
+    parents = {run.info.run_id: run for run in by_stage["workflow"]}
+    assert {run.info.status for run in parents.values()} >= {"FAILED", "FINISHED"}
+    train, = by_stage["train"]
+    generate, = by_stage["generate"]
+    evaluate, = [run for run in by_stage["evaluate"] if "exvideo.stage_key" in run.data.tags]
+    for run in (train, generate, evaluate):
+        assert run.data.tags["mlflow.parentRunId"] in parents
+    preprocess_shards = str(stage_folder(workdir, "preprocess") / "shards")
+    assert train.data.tags["lineage.shards"] == preprocess_shards
+    adapter = str(stage_folder(workdir, "train") / "train" / "adapter.safetensors")
+    assert generate.data.tags["lineage.adapter"] == adapter
+    assert evaluate.data.tags["lineage.videos"] == str(stage_folder(workdir, "generate") / "videos")
+    assert generate.data.metrics["made"] == 1
+    finished = [run.data.tags for run in parents.values() if run.info.status == "FINISHED"]
+    assert all(tags["lineage.train.run"] == train.info.run_id for tags in finished)  # ran or skipped: same run
+    assert sorted(tags["stage.train"].split(":")[0] for tags in finished) == ["ran", "skipped"]
+
+
+# -- on a real Ray head through the Jobs API ----------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """`ray start --head` on 127.0.0.1 with a dashboard (the Jobs API) and token authentication; yields its address
+    and the environment a client needs (the token), and stops the head by its own process id at the end.
+
+    `--block` keeps the head's processes children of the one we start; stopping that process group stops exactly
+    this head (`ray stop` would stop every Ray of this user on the machine, other test sessions' included).
+    """
+    # Every port explicit: Ray's fixed defaults (the agent's 52365) clash with any other Ray on the machine.
+    port, dashboard, agent, agent_grpc, metrics = (free_port() for _ in range(5))
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}", f"--temp-dir={temp_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _jobs_api_up(address, env["RAY_AUTH_TOKEN"]):
+            if time.monotonic() > deadline or head.poll() is not None:
+                raise RuntimeError(f"the Ray head did not come up at {address}")
+            time.sleep(1)
+        yield address, env
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _jobs_api_up(address: str, token: str) -> bool:
+    request = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_workflow_submitted_through_the_ray_jobs_api_completes(workflow, ray_head):
+    workdir = workflow["workdir"]
+    address, env = ray_head
+    # A new report title is a new evaluate key: the job reuses the finished stages and evaluates on the cluster.
+    # The CLI runs as a user's shell would run it, with the cluster's token in its environment.
+    done = subprocess.run(
+        ["exvideo", "run", str(workflow["spec"]), "--address", address, "--set", "evaluate.title=on the cluster"],
+        env=env, capture_output=True, text=True, timeout=400)
+    out = done.stdout
+    assert done.returncode == 0, (out + done.stderr)[-3000:]
+    assert re.search(r"^submitted job \S+ to http://127\.0\.0\.1:\d+", out, re.M)
+    assert "[1/4] preprocess: done before, skipped" in out  # the job's own output, streamed back
+    assert "[4/4] evaluate: running in" in out and "[4/4] evaluate: done in" in out
+    assert re.search(r"job \S+: SUCCEEDED", out)
+    reports = sorted(workdir.glob("evaluate-*/report/index.html"))
+    assert len(reports) == 2 and "on the cluster" in max(reports, key=os.path.getmtime).read_text()
+
+
+def test_only_redoes_one_stage_in_its_folder(workflow, capsys):
+    workdir = workflow["workdir"]
+    evaluate = workdir / f"evaluate-{stage_keys(load_spec(workflow['spec']))['evaluate']}"  # the jobs test made another
+    upstream = {stage: mtimes(stage_folder(workdir, stage)) for stage in ("preprocess", "train", "generate")}
+    marker_before = (evaluate / MARKER).stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["run", str(workflow["spec"]), "--only", "evaluate"]) == 0
+    out = capsys.readouterr().out
+    assert "[4/4] evaluate: running in" in out and out.count("done before, skipped") == 3
+    assert (evaluate / MARKER).stat().st_mtime_ns > marker_before
+    assert {stage: mtimes(stage_folder(workdir, stage)) for stage in upstream} == upstream
