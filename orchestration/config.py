@@ -38,20 +38,25 @@ def _apply_override(data: dict, override: str) -> None:
     node[leaf] = yaml.safe_load(raw)
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """The mapping a YAML file holds; `what` names the file in errors ("config file", "workflow spec")."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of fields, not {type(data).__name__}")
+    return data
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> T:
     """Build `cls` from an optional YAML file plus overrides, validating every field."""
     data: dict = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of fields, not {type(data).__name__}")
+        data = read_yaml_mapping(Path(path), "config file")
         source = str(path)
     for override in overrides:
         _apply_override(data, override)

@@ -12,10 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from orchestration.config import ConfigError, StageConfig, describe_errors
+from orchestration.config import ConfigError, StageConfig, describe_errors, read_yaml_mapping
 
 # Stage name -> (module, config class), in data-flow order; modules import lazily so validation stays light.
 STAGE_CONFIGS = {
@@ -116,18 +115,6 @@ class WorkflowSpec(StageConfig):
             raise ValueError(f"invalid {stage} section: {describe_errors(exc, prefix=stage)}") from None
 
 
-def _read_yaml(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} {path} must hold a mapping of fields, not {type(data).__name__}")
-    return data
-
-
 def _inline_config_files(data: dict, base: Path) -> None:
     """Replace each section's `config_file` by the file's fields (inline fields win)."""
     for stage in STAGE_CONFIGS:
@@ -135,7 +122,7 @@ def _inline_config_files(data: dict, base: Path) -> None:
         if isinstance(section, dict) and "config_file" in section:
             path = Path(section.pop("config_file"))
             path = path if path.is_absolute() else base / path
-            data[stage] = {**_read_yaml(path, f"{stage}.config_file"), **section}
+            data[stage] = {**read_yaml_mapping(path, f"{stage}.config_file"), **section}
 
 
 def load_spec(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> WorkflowSpec:
@@ -143,7 +130,7 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Wor
     from orchestration.config import _apply_override
 
     path = Path(path)
-    data = _read_yaml(path, "workflow spec")
+    data = read_yaml_mapping(path, "workflow spec")
     _inline_config_files(data, path.parent)
     for override in overrides:
         _apply_override(data, override)
