@@ -181,6 +181,7 @@ def ray_head():
     # Every port explicit: Ray's fixed defaults (the agent's 52365) clash with any other Ray on the machine.
     port, dashboard, agent, agent_grpc, metrics = (free_port() for _ in range(5))
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    log = open(Path(temp_dir) / "head.log", "wb")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
@@ -189,13 +190,14 @@ def ray_head():
          "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
          f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}", f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240  # a loaded 2-core machine can take minutes to start a head
         while not _jobs_api_up(address, env["RAY_AUTH_TOKEN"]):
             if time.monotonic() > deadline or head.poll() is not None:
-                raise RuntimeError(f"the Ray head did not come up at {address}")
+                tail = (Path(temp_dir) / "head.log").read_bytes()[-3000:].decode(errors="replace")
+                raise RuntimeError(f"the Ray head did not come up at {address} (exit {head.poll()}): {tail}")
             time.sleep(1)
         yield address, env
     finally:
@@ -206,6 +208,7 @@ def ray_head():
             except subprocess.TimeoutExpired:
                 os.killpg(head.pid, signal.SIGKILL)
                 head.wait()
+        log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
