@@ -11,7 +11,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from exvideo import load_adapter, load_unet, post_tuning_loss, trainable_parameters
+from exvideo import load_adapter, load_unet, post_tuning_loss
 from exvideo.adapter import read_adapter
 from exvideo.samples import ClipRecord, LatentClip, collate, encode_sample
 from pipelines.train import TrainConfig, run_training
