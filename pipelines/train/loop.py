@@ -22,11 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from exvideo import LatentBatch, extend_unet, freeze_for_post_tuning, load_unet, post_tuning_loss
-from exvideo.adapter import adapter_metadata, write_adapter
+from exvideo.adapter import write_adapter
 from exvideo.samples import collate
+from exvideo.unet import BASE_FRAMES
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import StreamStats, list_shards, rank_stream
-from pipelines.train.state import EMA, TrainState, load_checkpoint, save_checkpoint
+from pipelines.train.state import EMA, TrainState, checkpoint_metadata, load_checkpoint, save_checkpoint
 
 BEST_ADAPTER = "best_adapter.safetensors"
 REPLICA_FILE = "replica-{rank}.json"
@@ -37,10 +38,18 @@ class NonFiniteLossError(RuntimeError):
 
 
 def prepare_unet(unet: nn.Module, num_frames: int, precision: str, gradient_checkpointing: bool,
-                 device: torch.device) -> dict[str, nn.Parameter]:
-    """Extend and freeze a base UNet for post-tuning, in place; frozen weights in bf16 if asked, trainable in fp32."""
-    extend_unet(unet, num_frames)
-    trainable = freeze_for_post_tuning(unet)
+                 device: torch.device, base_frames: int = BASE_FRAMES, mode: str = "temporal",
+                 ) -> dict[str, nn.Parameter]:
+    """Extend and freeze a base UNet for post-tuning, in place; frozen weights in bf16 if asked, trainable in fp32.
+
+    mode "all" trains a base model instead: the UNet stays unextended and every weight is trainable.
+    """
+    if mode == "all":
+        trainable = dict(unet.named_parameters())
+        unet.requires_grad_(True)
+    else:
+        extend_unet(unet, num_frames, base_frames)
+        trainable = freeze_for_post_tuning(unet)
     if precision == "bf16":
         unet.to(torch.bfloat16)
         for param in trainable.values():
@@ -54,7 +63,8 @@ def prepare_unet(unet: nn.Module, num_frames: int, precision: str, gradient_chec
 def build_unet(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict[str, nn.Parameter]]:
     """The run's base UNet from disk, prepared for post-tuning."""
     unet = load_unet(cfg.svd_dir)
-    return unet, prepare_unet(unet, cfg.num_frames, cfg.precision, cfg.gradient_checkpointing, device)
+    return unet, prepare_unet(unet, cfg.num_frames, cfg.precision, cfg.gradient_checkpointing, device,
+                              cfg.base_frames, cfg.trainable)
 
 
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -220,7 +230,7 @@ def _checkpoint(cfg: TrainConfig, rank: int, unet: nn.Module, trainable: dict, o
             save_checkpoint(Path(directory), unet, optimizer.state_dict(), state, ema, base_model)
             if improved:
                 cfg.run_dir.mkdir(parents=True, exist_ok=True)
-                write_adapter(trainable, cfg.run_dir / BEST_ADAPTER, adapter_metadata(unet, base_model),
+                write_adapter(trainable, cfg.run_dir / BEST_ADAPTER, checkpoint_metadata(unet, base_model),
                               torch.float32)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint-{state.step:08d}")
