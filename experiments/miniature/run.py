@@ -60,12 +60,14 @@ class MiniatureConfig(StageConfig):
     base_lr: float = Field(3e-4, gt=0)
     post_steps: int = Field(400, ge=1)
     post_batch: int = Field(1, ge=1)
-    post_lr: float = Field(1e-4, gt=0)
+    post_lr: float = Field(2e-4, gt=0)
     val_levels: int = Field(8, ge=1, description="noise levels of the validation loss")
     gen_steps: int = Field(20, ge=1)
     generate: bool = Field(True, description="false: stop after the validation loss (the test's miniature)")
     use_gpu: bool = False
-    cpus_per_worker: float = Field(2, gt=0)
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs per training worker (its torch threads)")
+    # One thread: on a shared 2-core machine, two torch threads competing with another process run ~5x slower.
+    torch_threads: int = Field(1, ge=1, description="torch threads of this process (VAE, validation, metrics)")
 
     @property
     def train_seeds(self) -> list[int]:
@@ -323,6 +325,7 @@ def results_markdown(cfg: MiniatureConfig, models: dict, evaluation: dict | None
 
 def run_miniature(cfg: MiniatureConfig) -> dict:
     """Run (or resume) the whole experiment; write results.json and the markdown table; return the results."""
+    torch.set_num_threads(cfg.torch_threads)
     timer = Timer()
     models = build_models(cfg, timer)
     evaluation = generate_and_evaluate(cfg, models, timer) if cfg.generate else None

@@ -1,25 +1,29 @@
 """Metrics only this world allows: where the object should be is known, so generated videos can be scored on it.
 
-The object is found by its colour (saturated, far from the grey-ish background): the pixels within
-`COLOUR_TOLERANCE` of its true colour. It is "present" in a frame when that mask covers at least
-`MIN_AREA_FRACTION` of its true area; its position is the mask's centroid.
+The object is found by its colour against the known background: a pixel is the object's when it is closer to the
+object's colour than to the true background at that place, and differs from that background by more than
+`BACKGROUND_MARGIN` (a VAE-blurred, slightly desaturated object still counts; an object that turned grey or into
+another palette colour does not). It is "present" in a frame when that mask covers at least `MIN_AREA_FRACTION` of
+its true area; its position is the mask's centroid.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from experiments.miniature.world import WorldVideo, render
+from experiments.miniature.world import WorldVideo, background, render
 
-COLOUR_TOLERANCE = 80.0  # RGB distance; palette colours are >= 150 away from the background
+BACKGROUND_MARGIN = 60.0  # RGB distance; palette colours are >= 150 away from the background
 MIN_AREA_FRACTION = 0.3
 
 
-def locate(frames: np.ndarray, colour: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Per frame of uint8 [T, H, W, 3]: the centroid (x, y) of the object's colour ([T, 2], NaN if absent) and
-    its area in pixels [T]."""
-    distance = np.linalg.norm(frames.astype(np.float32) - np.array(colour, dtype=np.float32), axis=-1)
-    mask = distance < COLOUR_TOLERANCE
+def locate(frames: np.ndarray, video: WorldVideo) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame of uint8 [T, H, W, 3]: the centroid (x, y) of the object ([T, 2], NaN if absent) and its area in
+    pixels [T]."""
+    pixels = frames.astype(np.float32)
+    to_object = np.linalg.norm(pixels - np.array(video.colour, dtype=np.float32), axis=-1)
+    to_background = np.linalg.norm(pixels - background(video).astype(np.float32), axis=-1)
+    mask = (to_object < to_background) & (to_background > BACKGROUND_MARGIN)
     area = mask.sum(axis=(1, 2)).astype(np.float32)
     ys, xs = np.mgrid[0:frames.shape[1], 0:frames.shape[2]]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -40,8 +44,8 @@ def world_metrics(frames: np.ndarray, video: WorldVideo) -> dict[str, float]:
         raise ValueError(f"frames are {frames.shape[1:3]} but the world video is {video.size}x{video.size}")
     num_frames = len(frames)
     truth = render(video, num_frames)
-    true_area = locate(truth[:1], video.colour)[1][0]
-    centres, area = locate(frames, video.colour)
+    true_area = locate(truth[:1], video)[1][0]
+    centres, area = locate(frames, video)
     present = area >= MIN_AREA_FRACTION * true_area
     error = np.linalg.norm(centres - video.positions(num_frames), axis=1)
     error[~present] = np.nan
