@@ -37,6 +37,8 @@ from experiments.miniature.world import read_truth, render, sample_video, write_
 from experiments.miniature.world_metrics import world_metrics
 
 METHODS = ("exvideo", "direct", "chain", "windows")
+SHORT_BASE = "base at its training length"
+CEILING = "truth through the VAE"
 # Seeds of held-out videos start here, far from the training seeds.
 HELDOUT_OFFSET = 500_000
 
@@ -134,7 +136,7 @@ def _median_bucket(shards: Path) -> int:
 def _train(cfg: MiniatureConfig, name: str, svd_dir: Path, shards: Path, **fields):
     from pipelines.train import TrainConfig, run_training
 
-    train_cfg = TrainConfig(svd_dir=svd_dir, shards=str(shards), storage_path=cfg.workdir / "train", name=name,
+    train_cfg = TrainConfig(svd_dir=svd_dir, shards=str(shards), storage_path=cfg.workdir.resolve() / "train", name=name,
                             seed=cfg.seed, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
                             gradient_checkpointing=False, ema_decay=None, cond_dropout=0.0, log_every=50,
                             **fields)
@@ -219,40 +221,63 @@ def generate_and_evaluate(cfg: MiniatureConfig, models: dict, timer: Timer) -> d
     work = cfg.workdir.resolve()
     buckets = {"base": _median_bucket(models["shards"]["base"]), "long": _median_bucket(models["shards"]["long"])}
     folders = {}
+    # The last job is a diagnostic, not a method: the base model at its own training length, to tell how much of
+    # what the long videos lose the base model already loses.
+    jobs = [(method, method, cfg.long_frames) for method in METHODS] + [(SHORT_BASE, "direct", cfg.base_frames)]
     with timer.phase("generate"):
-        for method in METHODS:
+        for label, method, num_frames in jobs:
             params = GenerationParams(
-                method=method, num_frames=cfg.long_frames, height=cfg.size, width=cfg.size, steps=cfg.gen_steps,
+                method=method, num_frames=num_frames, height=cfg.size, width=cfg.size, steps=cfg.gen_steps,
                 fps=cfg.fps, motion_bucket_id=buckets["long" if method == "exvideo" else "base"],
                 noise_aug_strength=0.0, min_guidance=1.0, max_guidance=1.0, decode_window=cfg.base_frames,
                 decode_stride=cfg.base_frames // 2, clip_frames=cfg.base_frames,
                 window_stride=cfg.base_frames // 2)
-            output = work / "generate" / method
+            output = work / "generate" / ("base-short" if label == SHORT_BASE else label)
             run_generate_job(GenerateJobConfig(
                 input=models["listing"], output=output, model=models["base"],
                 adapter=models["adapter"] if method == "exvideo" else None, params=params, workers=1,
                 device="cuda" if cfg.use_gpu else "cpu"))
-            folders[method] = output / "videos"
+            folders[label] = output / "videos"
 
     with timer.phase("evaluate"):
-        outcome = run_evaluation(EvaluateConfig(videos_dir=list(folders.values()), output_dir=work / "evaluate",
+        outcome = run_evaluation(EvaluateConfig(videos_dir=[folders[m] for m in METHODS], output_dir=work / "evaluate",
                                                 title="ExVideo miniature: methods at the long length"))
         project = {group.method: {**group.means, "videos": group.count} for group in outcome["groups"]}
 
     with timer.phase("world metrics"):
         truth = read_truth(models["listing"].parent)
         world = {}
-        for method, folder in folders.items():
-            per_video = [world_metrics(read_frames(folder / f"{row_id}.mp4"), video)
-                         for row_id, video in truth.items()]
-            world[method] = _mean_dicts(per_video)
+        videos = {label: {row_id: read_frames(folder / f"{row_id}.mp4") for row_id in truth}
+                  for label, folder in folders.items()}
+        for label, by_id in videos.items():
+            world[label] = _mean_dicts([world_metrics(by_id[row_id], video) for row_id, video in truth.items()])
         vae = load_svd(models["init"]).vae
-        ceiling = []
-        for video in truth.values():
-            frames = render(video, cfg.long_frames)
-            ceiling.append(world_metrics(_vae_round_trip(vae, frames, cfg.base_frames), video))
-        world["truth through the VAE"] = _mean_dicts(ceiling)
-    return {"project": project, "world": world, "report": str(outcome["report"]), "motion_buckets": buckets}
+        videos[CEILING] = {row_id: _vae_round_trip(vae, render(video, cfg.long_frames), cfg.base_frames)
+                           for row_id, video in truth.items()}
+        world[CEILING] = _mean_dicts([world_metrics(videos[CEILING][row_id], video)
+                                      for row_id, video in truth.items()])
+        sheet = _results_path(cfg).with_name("contact_sheet.png")
+        write_contact_sheet(sheet, {row_id: render(video, cfg.long_frames) for row_id, video in truth.items()},
+                            {label: videos[label] for label in (CEILING, *METHODS)})
+    return {"project": project, "world": world, "report": str(outcome["report"]), "motion_buckets": buckets,
+            "contact_sheet": str(sheet)}
+
+
+def write_contact_sheet(path: Path, truth: dict[str, np.ndarray], videos: dict[str, dict[str, np.ndarray]],
+                        rows: int = 3, every: int = 4) -> Path:
+    """One PNG: for the first `rows` held-out videos, every `every`-th frame of the truth, then of each entry of
+    `videos` (label -> id -> frames), one strip each, in that order; a white gap between videos."""
+    import PIL.Image
+
+    strips = []
+    for row_id in list(truth)[:rows]:
+        for frames in (truth[row_id], *(by_id[row_id] for by_id in videos.values())):
+            strips.append(np.concatenate(list(frames[::every]), axis=1))
+        strips.append(np.full((6, strips[-1].shape[1], 3), 255, np.uint8))
+    tmp = path.with_name(f".{path.name}.tmp")
+    PIL.Image.fromarray(np.concatenate(strips[:-1], axis=0)).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
 
 
 def _vae_round_trip(vae, frames: np.ndarray, window: int) -> np.ndarray:
@@ -286,7 +311,7 @@ def results_markdown(cfg: MiniatureConfig, models: dict, evaluation: dict | None
     lines = [
         "# Miniature ExVideo experiment: results", "",
         f"Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {hardware}; torch {torch.__version__}; "
-        f"wall time {timer.total / 60:.1f} min. Command: `python -m experiments.miniature "
+        f"this invocation's wall time {timer.total / 60:.1f} min (phases already done are skipped). Command: `python -m experiments.miniature "
         + " ".join(sys.argv[1:]) + "`.", "",
         "## Setup", "",
         f"- World: {cfg.size}x{cfg.size} px, {cfg.fps} fps; {cfg.train_videos} training videos, "
@@ -316,11 +341,20 @@ def results_markdown(cfg: MiniatureConfig, models: dict, evaluation: dict | None
             "Project evaluation metrics (`pipelines/evaluate`):", "",
             "| method | " + " | ".join(PROJECT_COLUMNS) + " |", "|---" * (len(PROJECT_COLUMNS) + 1) + "|",
             *[_row(name, values, PROJECT_COLUMNS) for name, values in evaluation["project"].items()], "",
+            f"`{SHORT_BASE}`: the base model asked for {cfg.base_frames} frames (metrics over those frames), a "
+            f"diagnostic of what the base model can do at all. `{CEILING}`: the true videos after a VAE round trip "
+            "(8-frame windows), the best any model decoding through this VAE can score.", "",
+            f"Contact sheet (`{Path(evaluation['contact_sheet']).name}`): per held-out video, every 4th frame of "
+            f"the truth, then {CEILING}, " + ", ".join(METHODS) + ".", "",
             f"Motion bucket at generation: base methods {evaluation['motion_buckets']['base']} (median of the "
             f"{cfg.base_frames}-frame training clips), exvideo {evaluation['motion_buckets']['long']} (median of the "
             f"{cfg.long_frames}-frame clips). Report with contact sheets: `{evaluation['report']}`.", "",
         ]
     return "\n".join(lines)
+
+
+def _results_path(cfg: MiniatureConfig) -> Path:
+    return cfg.results or cfg.workdir / "RESULTS.md"
 
 
 def run_miniature(cfg: MiniatureConfig) -> dict:
@@ -334,7 +368,7 @@ def run_miniature(cfg: MiniatureConfig) -> dict:
                "wall_s": timer.total}
     (cfg.workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     markdown = results_markdown(cfg, models, evaluation, timer)
-    target = cfg.results or cfg.workdir / "RESULTS.md"
+    target = _results_path(cfg)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.with_suffix(".tmp").write_text(markdown)
     os.replace(target.with_suffix(".tmp"), target)
