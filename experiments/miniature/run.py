@@ -55,12 +55,12 @@ class MiniatureConfig(StageConfig):
     long_frames: int = Field(32, ge=4, description="length ExVideo post-tunes to and every method generates")
     train_videos: int = Field(192, ge=2)
     heldout_videos: int = Field(8, ge=1)
-    vae_steps: int = Field(600, ge=1)
+    vae_steps: int = Field(500, ge=1)
     vae_lr: float = Field(1e-3, gt=0)
-    base_steps: int = Field(1500, ge=1)
+    base_steps: int = Field(1200, ge=1)
     base_batch: int = Field(4, ge=1)
     base_lr: float = Field(3e-4, gt=0)
-    post_steps: int = Field(400, ge=1)
+    post_steps: int = Field(600, ge=1)
     post_batch: int = Field(1, ge=1)
     post_lr: float = Field(2e-4, gt=0)
     val_levels: int = Field(8, ge=1, description="noise levels of the validation loss")
@@ -105,16 +105,6 @@ class Timer:
         return time.perf_counter() - self.started
 
 
-def _done(path: Path) -> bool:
-    return (path / "_complete.json").is_file()
-
-
-def _mark(path: Path, payload: dict) -> None:
-    tmp = path / "._complete.tmp"
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path / "_complete.json")
-
-
 def _preprocess(cfg: MiniatureConfig, manifest: Path, output: Path, model: Path, num_frames: int) -> Path:
     from preprocessing.config import PreprocessConfig
     from preprocessing.run import run_preprocess
@@ -130,14 +120,16 @@ def _preprocess(cfg: MiniatureConfig, manifest: Path, output: Path, model: Path,
 
 def _median_bucket(shards: Path) -> int:
     """The motion bucket typical of a shard set: generation conditions each model on what it was trained on."""
-    return int(np.median(pq.read_table(shards.parent / "index.parquet", columns=["motion_bucket"]).column(0).to_numpy()))
+    buckets = pq.read_table(shards.parent / "index.parquet", columns=["motion_bucket"]).column(0).to_numpy()
+    return int(np.median(buckets))
 
 
 def _train(cfg: MiniatureConfig, name: str, svd_dir: Path, shards: Path, **fields):
     from pipelines.train import TrainConfig, run_training
 
-    train_cfg = TrainConfig(svd_dir=svd_dir, shards=str(shards), storage_path=cfg.workdir.resolve() / "train", name=name,
-                            seed=cfg.seed, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
+    # Absolute: Ray Train workers run in another working directory (the MLflow store path must be the same there).
+    train_cfg = TrainConfig(svd_dir=svd_dir, shards=str(shards), storage_path=cfg.workdir.resolve() / "train",
+                            name=name, seed=cfg.seed, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
                             gradient_checkpointing=False, ema_decay=None, cond_dropout=0.0, log_every=50,
                             **fields)
     return run_training(train_cfg)
@@ -311,8 +303,8 @@ def results_markdown(cfg: MiniatureConfig, models: dict, evaluation: dict | None
     lines = [
         "# Miniature ExVideo experiment: results", "",
         f"Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {hardware}; torch {torch.__version__}; "
-        f"this invocation's wall time {timer.total / 60:.1f} min (phases already done are skipped). Command: `python -m experiments.miniature "
-        + " ".join(sys.argv[1:]) + "`.", "",
+        f"this invocation's wall time {timer.total / 60:.1f} min (phases already done are skipped). "
+        "Command: `python -m experiments.miniature " + " ".join(sys.argv[1:]) + "`.", "",
         "## Setup", "",
         f"- World: {cfg.size}x{cfg.size} px, {cfg.fps} fps; {cfg.train_videos} training videos, "
         f"{cfg.heldout_videos} held-out (seeds {cfg.heldout_seeds[0]}..{cfg.heldout_seeds[-1]}).",
@@ -320,10 +312,10 @@ def results_markdown(cfg: MiniatureConfig, models: dict, evaluation: dict | None
         f"{models['vae_psnr']:.1f} dB.",
         f"- Base model: tiny SVD UNet trained from scratch on {cfg.base_frames}-frame clips, every weight "
         f"(`trainable=all`), {cfg.base_steps} steps x {cfg.base_batch} clips, lr {cfg.base_lr}; "
-        f"last training loss {models['base_final_loss']:.4f}.",
+        f"mean training loss over its steps {models['base_final_loss']:.4f}.",
         f"- ExVideo post-tuning to {cfg.long_frames} frames ({cfg.long_frames // cfg.base_frames}x), temporal "
         f"modules only, {cfg.post_steps} steps x {cfg.post_batch} clips, lr {cfg.post_lr}; "
-        f"last training loss {models['post_final_loss']:.4f}.",
+        f"mean training loss over its steps {models['post_final_loss']:.4f}.",
         f"- Seed {cfg.seed}. Generation: {cfg.gen_steps} Euler steps, no CFG, noise_aug 0, the same first frame "
         f"and sampling seed for every method.", "",
         "Phase wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timer.phases.items()) + ".", "",
