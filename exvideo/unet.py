@@ -83,6 +83,21 @@ def reflect_conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     return F.conv3d(x, conv.weight, conv.bias)
 
 
+def reflect_conv3d_channels_last(conv: nn.Conv3d, video: torch.Tensor) -> torch.Tensor:
+    """`reflect_conv3d` on channels-last activations `[B, T, H, W, C]`, returning the same layout.
+
+    The tokens already lie in this order, so no permuted copy is made on the way in or out, and cuDNN runs its
+    NDHWC kernels. Padding by concatenation reflects (index 1 and n-2) or, for a dimension of size 1, replicates.
+    """
+    for dim in (1, 2, 3):
+        size = video.shape[dim]
+        inner = 1 if size > 1 else 0
+        video = torch.cat([video.narrow(dim, inner, 1), video, video.narrow(dim, size - 1 - inner, 1)], dim)
+    weight = conv.weight.contiguous(memory_format=torch.channels_last_3d)
+    out = F.conv3d(video.permute(0, 4, 1, 2, 3), weight, conv.bias)
+    return out.permute(0, 2, 3, 4, 1)
+
+
 class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
     """`TransformerSpatioTemporalModel` with ExVideo's position table and 3D convolution.
 
@@ -94,6 +109,10 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
     # With gradient checkpointing on, also recompute the temporal step (3D conv + temporal block) in backward.
     # At 128 frames it holds most activations; diffusers' own checkpointing covers only the spatial block.
     checkpoint_temporal_step: bool = True
+    # Memory layout of the 3D convolution (exvideo.speed.set_conv_layout); both compute the same function.
+    conv_layout: str = "channels_last"
+    # How forward is cut into checkpointed units (exvideo.speed.enable_checkpointing): "blocks" or "lean".
+    checkpoint_units: str = "blocks"
 
     def _temporal_step(
         self,
@@ -108,11 +127,34 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
     ) -> torch.Tensor:
         channels = hidden_states.shape[-1]
         mix = hidden_states + emb
-        # [B*T, H*W, C] -> [B, C, T, H, W] for the convolution over time and space, then back.
-        video = mix.reshape(batch_size, num_frames, height, width, channels).permute(0, 4, 1, 2, 3)
-        video = reflect_conv3d(temporal_block.positional_conv, video)
-        mix = video.permute(0, 2, 3, 4, 1).reshape(batch_size * num_frames, height * width, channels)
+        video = mix.reshape(batch_size, num_frames, height, width, channels)
+        if self.conv_layout == "channels_last":
+            video = reflect_conv3d_channels_last(temporal_block.positional_conv, video)
+        else:  # [B, T, H, W, C] -> [B, C, T, H, W] for the convolution, then back
+            video = reflect_conv3d(temporal_block.positional_conv, video.permute(0, 4, 1, 2, 3))
+            video = video.permute(0, 2, 3, 4, 1)
+        mix = video.reshape(batch_size * num_frames, height * width, channels)
         return temporal_block(mix, num_frames=num_frames, encoder_hidden_states=time_context)
+
+    def _enter(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Group norm and input projection: `[B*T, C, H, W]` -> tokens `[B*T, H*W, C']`."""
+        batch_frames, _, height, width = hidden_states.shape
+        hidden_states = self.norm(hidden_states)
+        hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(batch_frames, height * width, -1)
+        return self.proj_in(hidden_states)
+
+    def _spatial_step(self, block: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                      enter: bool) -> torch.Tensor:
+        if enter:
+            hidden_states = self._enter(hidden_states)
+        return block(hidden_states, encoder_hidden_states=encoder_hidden_states)
+
+    def _temporal_mix_step(self, temporal_block: nn.Module, hidden_states: torch.Tensor, emb: torch.Tensor,
+                           time_context: torch.Tensor, image_only_indicator: torch.Tensor, batch_size: int,
+                           num_frames: int, height: int, width: int) -> torch.Tensor:
+        mix = self._temporal_step(temporal_block, hidden_states, emb, time_context, batch_size, num_frames, height,
+                                  width)
+        return self.time_mixer(x_spatial=hidden_states, x_temporal=mix, image_only_indicator=image_only_indicator)
 
     def forward(
         self,
@@ -121,7 +163,7 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
         image_only_indicator: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> TransformerTemporalModelOutput | tuple[torch.Tensor]:
-        batch_frames, _, height, width = hidden_states.shape
+        batch_frames, inner_dim, height, width = hidden_states.shape
         num_frames = image_only_indicator.shape[-1]
         batch_size = batch_frames // num_frames
         if num_frames > self.time_proj.num_frames:
@@ -136,33 +178,42 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
         time_context = context[:, None].expand(batch_size, height * width, *context.shape[1:])
         time_context = time_context.reshape(batch_size * height * width, *context.shape[1:])
 
-        residual = hidden_states
-        hidden_states = self.norm(hidden_states)
-        inner_dim = hidden_states.shape[1]
-        hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(batch_frames, height * width, inner_dim)
-        hidden_states = self.proj_in(hidden_states)
-
-        positions = self.time_proj.embeddings[:num_frames].to(hidden_states.dtype)
+        positions = self.time_proj.embeddings[:num_frames].to(self.proj_in.weight.dtype)
         emb = self.time_pos_embed(positions).repeat(batch_size, 1)[:, None, :]
 
+        residual = hidden_states
         checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
-        for block, temporal_block in zip(self.transformer_blocks, self.temporal_transformer_blocks):
-            if checkpointing:
-                hidden_states = self._gradient_checkpointing_func(block, hidden_states, None, encoder_hidden_states)
-            else:
-                hidden_states = block(hidden_states, encoder_hidden_states=encoder_hidden_states)
-            if checkpointing and self.checkpoint_temporal_step:
-                mix = self._gradient_checkpointing_func(
-                    self._temporal_step, temporal_block, hidden_states, emb, time_context,
-                    batch_size, num_frames, height, width,
+        if checkpointing and self.checkpoint_units == "lean":
+            # Two units per block pair; the first also holds norm + projection and the second the mixer, so backward
+            # keeps only each unit's input: the transformer's input and the spatial block's output.
+            hidden_states = residual
+            for index, (block, temporal_block) in enumerate(zip(self.transformer_blocks,
+                                                                 self.temporal_transformer_blocks)):
+                hidden_states = self._gradient_checkpointing_func(
+                    self._spatial_step, block, hidden_states, encoder_hidden_states, index == 0)
+                hidden_states = self._gradient_checkpointing_func(
+                    self._temporal_mix_step, temporal_block, hidden_states, emb, time_context, image_only_indicator,
+                    batch_size, num_frames, height, width)
+        else:
+            hidden_states = self._enter(hidden_states)
+            for block, temporal_block in zip(self.transformer_blocks, self.temporal_transformer_blocks):
+                if checkpointing:
+                    hidden_states = self._gradient_checkpointing_func(block, hidden_states, None,
+                                                                      encoder_hidden_states)
+                else:
+                    hidden_states = block(hidden_states, encoder_hidden_states=encoder_hidden_states)
+                if checkpointing and self.checkpoint_temporal_step:
+                    mix = self._gradient_checkpointing_func(
+                        self._temporal_step, temporal_block, hidden_states, emb, time_context,
+                        batch_size, num_frames, height, width,
+                    )
+                else:
+                    mix = self._temporal_step(
+                        temporal_block, hidden_states, emb, time_context, batch_size, num_frames, height, width
+                    )
+                hidden_states = self.time_mixer(
+                    x_spatial=hidden_states, x_temporal=mix, image_only_indicator=image_only_indicator
                 )
-            else:
-                mix = self._temporal_step(
-                    temporal_block, hidden_states, emb, time_context, batch_size, num_frames, height, width
-                )
-            hidden_states = self.time_mixer(
-                x_spatial=hidden_states, x_temporal=mix, image_only_indicator=image_only_indicator
-            )
 
         hidden_states = self.proj_out(hidden_states)
         hidden_states = hidden_states.reshape(batch_frames, height, width, inner_dim).permute(0, 3, 1, 2)

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from exvideo import tiny_svd_components
+from exvideo import prepare_for_post_tuning, tiny_svd_components
 from exvideo.unet import cyclic_position_ids, extend_unet
 from experiments.miniature.run import CEILING, METHODS, SHORT_BASE, MiniatureConfig, run_miniature
 from experiments.miniature.world import read_truth, render, sample_video, write_first_frames
 from experiments.miniature.world_metrics import world_metrics
-from pipelines.train.loop import prepare_unet
 from pipelines.train.state import checkpoint_metadata, checkpoint_tensors, load_unet_weights
 
 
@@ -68,7 +67,7 @@ def test_cyclic_table_for_a_short_base():
 
 def test_trainable_all_trains_every_weight_and_checkpoints_them():
     unet = tiny_svd_components().unet
-    trainable = prepare_unet(unet, 8, "fp32", False, torch.device("cpu"), mode="all")
+    trainable = prepare_for_post_tuning(unet, 8, "fp32", False, "cpu", mode="all")
     assert len(trainable) == len(list(unet.parameters())) and all(p.requires_grad for p in unet.parameters())
     assert checkpoint_metadata(unet, "base")["format"] == "exvideo-unet-weights"
     tensors = {k: v.clone() + 1 for k, v in checkpoint_tensors(unet).items()}

@@ -7,12 +7,21 @@ Public API:
     GenerateJobConfig, run_generate_job               - the Ray Data batch job (`exvideo generate`)
 """
 
+import importlib
+
 from pipelines.generate.api import generate_video
-from pipelines.generate.job import GenerateJobConfig, run_generate_job
 from pipelines.generate.loading import load_pipeline
 from pipelines.generate.params import GenerationParams, SecondPass
 from pipelines.generate.pipeline import GeneratedVideo, LongVideoPipeline
-from pipelines.generate.video_io import write_mp4
+
+# The batch job needs Ray and ffmpeg; import them only when asked, so the pipeline itself runs without them.
+_LAZY = {"GenerateJobConfig": "job", "run_generate_job": "job", "write_mp4": "video_io"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"pipelines.generate.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'pipelines.generate' has no attribute {name!r}")
 
 __all__ = [
     "GenerateJobConfig", "GeneratedVideo", "GenerationParams", "LongVideoPipeline", "SecondPass", "generate_video",

@@ -24,20 +24,27 @@ def guidance_ramp(min_scale: float, max_scale: float, num_frames: int) -> torch.
 
 
 def guided_model_output(unet: UNetSpatioTemporalConditionModel, scaled_latents: torch.Tensor, timestep: torch.Tensor,
-                        cond: Conditioning, guidance: torch.Tensor) -> torch.Tensor:
+                        cond: Conditioning, guidance: torch.Tensor, batched: bool = True) -> torch.Tensor:
     """The UNet's output for `scaled_latents` `[B, T, C, h, w]`, guided per frame by `guidance` `[T]`.
 
-    With guidance the unconditional and conditional inputs are concatenated on the batch so one UNet call computes
-    both, as diffusers' SVD pipeline does; frame t then gets uncond + guidance[t] * (cond - uncond).
+    With guidance, `batched` concatenates the unconditional and conditional inputs on the batch so one UNet call
+    computes both, as diffusers' SVD pipeline does; otherwise two calls, one per branch. Frame t then gets
+    uncond + guidance[t] * (cond - uncond).
     """
     frames = scaled_latents.shape[1]
-    inputs = torch.cat([scaled_latents] * 2) if cond.guided else scaled_latents
-    image_latents = cond.image_latents.expand(-1, frames, -1, -1, -1)
-    inputs = torch.cat([inputs, image_latents.to(inputs.dtype)], dim=2)
-    output = unet(inputs, timestep, encoder_hidden_states=cond.image_embeddings,
-                  added_time_ids=cond.added_time_ids, return_dict=False)[0]
+    image_latents = cond.image_latents.expand(-1, frames, -1, -1, -1).to(scaled_latents.dtype)
+
+    def run(latents: torch.Tensor, branch: slice) -> torch.Tensor:
+        inputs = torch.cat([latents, image_latents[branch]], dim=2)
+        return unet(inputs, timestep, encoder_hidden_states=cond.image_embeddings[branch],
+                    added_time_ids=cond.added_time_ids[branch], return_dict=False)[0]
+
     if not cond.guided:
-        return output
-    uncond, conditional = output.chunk(2)
-    scale = guidance.to(output.device, output.dtype).view(1, frames, 1, 1, 1)
+        return run(scaled_latents, slice(None))
+    if batched:
+        uncond, conditional = run(torch.cat([scaled_latents] * 2), slice(None)).chunk(2)
+    else:
+        half = scaled_latents.shape[0]
+        uncond, conditional = run(scaled_latents, slice(0, half)), run(scaled_latents, slice(half, None))
+    scale = guidance.to(conditional.device, conditional.dtype).view(1, frames, 1, 1, 1)
     return uncond + scale * (conditional - uncond)

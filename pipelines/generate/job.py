@@ -22,6 +22,7 @@ import ray
 from pydantic import Field
 from tqdm import tqdm
 
+from exvideo import SpeedOptions
 from orchestration.config import StageConfig
 from pipelines.generate.loading import file_sha256, load_pipeline, resolve_device, resolve_dtype
 from pipelines.generate.params import GenerationParams
@@ -50,6 +51,8 @@ class GenerateJobConfig(StageConfig):
     workers: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # How the UNet computes (exvideo.speed): layout, attention backend, compiled blocks, batched guidance.
+    speed: SpeedOptions = Field(default_factory=SpeedOptions)
     ray_address: str | None = None
 
 
@@ -75,7 +78,7 @@ class VideoMaker:
         cfg = self.cfg
         self.device = resolve_device(device)
         self.pipeline = load_pipeline(cfg.model, cfg.adapter, cfg.params.method, cfg.table_frames,
-                                      str(self.device), cfg.dtype)
+                                      str(self.device), cfg.dtype, cfg.speed)
         self.pipeline.set_progress_bar_config(disable=True)
         self.adapter = {"path": str(cfg.adapter), "sha256": file_sha256(cfg.adapter)} if cfg.adapter else None
         self._text_to_image = None

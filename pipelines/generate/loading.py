@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from exvideo import extend_unet, extended_num_frames, load_adapter, load_svd
+from exvideo import SpeedOptions, extend_unet, extended_num_frames, load_adapter, load_svd
 from pipelines.generate.params import BASELINES, Method
 from pipelines.generate.pipeline import LongVideoPipeline
 
@@ -41,12 +41,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def load_pipeline(model: str | os.PathLike, adapter: str | os.PathLike | None = None, method: Method = "exvideo",
-                  table_frames: int = 128, device: str = "auto", dtype: str = "auto") -> LongVideoPipeline:
+                  table_frames: int = 128, device: str = "auto", dtype: str = "auto",
+                  speed: SpeedOptions = SpeedOptions()) -> LongVideoPipeline:
     """Load a local SVD checkpoint as a `LongVideoPipeline` ready for `method`.
 
     exvideo: the UNet is extended and the adapter loaded (without an adapter it is extended to `table_frames`
     with the identity initialisation, which reproduces the base model for up to 25 frames). Baselines run the
-    unchanged base UNet, so they refuse an adapter.
+    unchanged base UNet, so they refuse an adapter. `speed` picks how the UNet computes (exvideo.speed).
     """
     torch_device = resolve_device(device)
     svd = load_svd(model, dtype=resolve_dtype(dtype, torch_device), device=torch_device)
@@ -63,4 +64,6 @@ def load_pipeline(model: str | os.PathLike, adapter: str | os.PathLike | None = 
     svd.unet.requires_grad_(False)
     pipeline = LongVideoPipeline(vae=svd.vae, image_encoder=svd.image_encoder, unet=svd.unet,
                                  scheduler=svd.scheduler, feature_extractor=svd.feature_extractor)
-    return pipeline.to(torch_device)
+    pipeline = pipeline.to(torch_device)
+    pipeline.set_speed(speed)
+    return pipeline

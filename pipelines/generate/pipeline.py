@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableVideoDiffusionPipeline
 
-from exvideo import extended_num_frames
+from exvideo import SpeedOptions, extended_num_frames
+from exvideo.speed import apply_speed, speed_context
 from pipelines.generate.decode import decode_video
 from pipelines.generate.guidance import Conditioning, guidance_ramp, guided_model_output
 from pipelines.generate.latents import renormalize_frames
@@ -48,6 +49,13 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 class LongVideoPipeline(StableVideoDiffusionPipeline):
     """SVD image-to-video for long videos: ExVideo (extended UNet) or a training-free baseline (base UNet)."""
+
+    speed: SpeedOptions = SpeedOptions()
+
+    def set_speed(self, options: SpeedOptions) -> None:
+        """Switch how the UNet computes (exvideo.speed); the videos stay the same within bf16 rounding."""
+        apply_speed(self.unet, options)
+        self.speed = options
 
     def check_method(self, params: GenerationParams) -> None:
         """Refuse a method the loaded UNet cannot run, saying how to load one that can."""
@@ -107,7 +115,8 @@ class LongVideoPipeline(StableVideoDiffusionPipeline):
             output = torch.zeros_like(latents)
             for first in starts:
                 span = slice(first, first + window)
-                output[:, span] += guided_model_output(self.unet, scaled[:, span], t, cond, guidance[span])
+                output[:, span] += guided_model_output(self.unet, scaled[:, span], t, cond, guidance[span],
+                                                       self.speed.batched_guidance)
             latents = self.scheduler.step(output / coverage.to(output.dtype), t, latents).prev_sample
         return latents
 
@@ -184,6 +193,10 @@ class LongVideoPipeline(StableVideoDiffusionPipeline):
     @torch.no_grad()
     def generate(self, image: PIL.Image.Image, params: GenerationParams) -> GeneratedVideo:
         """Make one video of `params.num_frames` frames at `params.height` x `params.width` from a first frame."""
+        with speed_context(self.speed):
+            return self._generate(image, params)
+
+    def _generate(self, image: PIL.Image.Image, params: GenerationParams) -> GeneratedVideo:
         self.check_method(params)
         # A CPU generator draws the same numbers on every device: the same seed gives the same video anywhere.
         generator = torch.Generator().manual_seed(params.seed)

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from exvideo.speed import SpeedOptions
 from orchestration.config import StageConfig
 
 
@@ -44,6 +45,7 @@ class TrainConfig(StageConfig):
     cpus_per_worker: float = Field(1, gt=0)
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: frozen weights in bf16, autocast forward")
     gradient_checkpointing: bool = True
+    speed: SpeedOptions = Field(default_factory=SpeedOptions, description="how the UNet computes (exvideo.speed)")
     zero_optimizer: bool = Field(False, description="shard AdamW state across workers (ZeroRedundancyOptimizer)")
 
     checkpoint_every: int = Field(100, ge=1)
@@ -59,6 +61,9 @@ class TrainConfig(StageConfig):
     def _check(self) -> "TrainConfig":
         if self.zero_optimizer and self.num_workers < 2:
             raise ValueError("zero_optimizer shards optimizer state across workers; it needs num_workers >= 2")
+        if self.speed.compile_blocks and self.gradient_checkpointing:
+            raise ValueError("speed.compile_blocks is for generation: selective checkpointing cannot see inside "
+                             "compiled blocks; set speed.compile_blocks=false")
         if self.precision == "bf16" and not self.use_gpu:
             raise ValueError("precision bf16 is for GPUs; on CPU use precision=fp32")
         return self

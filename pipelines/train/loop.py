@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from exvideo import LatentBatch, extend_unet, freeze_for_post_tuning, load_unet, post_tuning_loss
+from exvideo import LatentBatch, load_unet, post_tuning_loss, prepare_for_post_tuning
 from exvideo.adapter import write_adapter
 from exvideo.samples import collate
-from exvideo.unet import BASE_FRAMES
+from exvideo.speed import speed_context
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import StreamStats, list_shards, rank_stream
 from pipelines.train.state import EMA, TrainState, checkpoint_metadata, load_checkpoint, save_checkpoint
@@ -37,34 +37,11 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
-def prepare_unet(unet: nn.Module, num_frames: int, precision: str, gradient_checkpointing: bool,
-                 device: torch.device, base_frames: int = BASE_FRAMES, mode: str = "temporal",
-                 ) -> dict[str, nn.Parameter]:
-    """Extend and freeze a base UNet for post-tuning, in place; frozen weights in bf16 if asked, trainable in fp32.
-
-    mode "all" trains a base model instead: the UNet stays unextended and every weight is trainable.
-    """
-    if mode == "all":
-        trainable = dict(unet.named_parameters())
-        unet.requires_grad_(True)
-    else:
-        extend_unet(unet, num_frames, base_frames)
-        trainable = freeze_for_post_tuning(unet)
-    if precision == "bf16":
-        unet.to(torch.bfloat16)
-        for param in trainable.values():
-            param.data = param.data.float()
-    if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train().to(device)
-    return trainable
-
-
 def build_unet(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict[str, nn.Parameter]]:
     """The run's base UNet from disk, prepared for post-tuning."""
     unet = load_unet(cfg.svd_dir)
-    return unet, prepare_unet(unet, cfg.num_frames, cfg.precision, cfg.gradient_checkpointing, device,
-                              cfg.base_frames, cfg.trainable)
+    return unet, prepare_for_post_tuning(unet, cfg.num_frames, cfg.precision, cfg.gradient_checkpointing, device,
+                                         cfg.speed, cfg.base_frames, cfg.trainable)
 
 
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -154,9 +131,10 @@ def train_worker(loop_config: dict) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            loss = post_tuning_loss(model, batch, generator=generator)
-        loss.backward()
+        with speed_context(cfg.speed):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss = post_tuning_loss(model, batch, generator=generator)
+            loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.grad_clip or math.inf)
         # Every rank must take the same decision, or DDP replicas drift apart.
         finite = _all_reduce(torch.tensor([float(torch.isfinite(loss) and torch.isfinite(grad_norm))], device=device),

@@ -1,0 +1,392 @@
+"""Speed and memory of the project's training and generation paths at 128 frames, each switch on and off.
+
+    python benchmarks/gpu_bench.py --json gpu_bench.json          # SVD-XT shapes, random weights, one GPU
+    python benchmarks/gpu_bench.py --tiny --frames 16 --size 64   # the same code on the tiny model, CPU (smoke run)
+
+One run measures, with the same weights throughout:
+  (a) the training step (forward, backward, clipping, AdamW) of `prepare_for_post_tuning` + `post_tuning_loss`:
+      median time, peak memory, model FLOPs and the fraction of the card's bf16 peak measured in the same run;
+  (b) one guided UNet step of `LongVideoPipeline` and a whole video (`generate`: CLIP + VAE encode, all steps,
+      windowed VAE decode): time and peak memory;
+  (c) the plain path (`SpeedOptions.plain()`) as the in-run baseline, and each switch added one at a time.
+Prints one table per part and writes everything to --json after every measurement, so a run cut short keeps what
+it measured. Model FLOPs are counted once on fake tensors (no recomputation, no guidance duplication counted twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_backward_flop_count
+from torch.utils.flop_counter import sdpa_flop_count
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from exvideo import (
+    LatentBatch, SpeedOptions, added_time_ids, extend_unet, freeze_for_post_tuning, post_tuning_loss,
+    prepare_for_post_tuning, tiny_svd_components,
+)
+from exvideo.speed import apply_speed, enable_checkpointing, speed_context
+from pipelines.generate.guidance import guidance_ramp, guided_model_output
+from pipelines.generate.params import GenerationParams
+from pipelines.generate.pipeline import LongVideoPipeline
+
+PLAIN = SpeedOptions.plain()
+
+
+def one_switch_at_a_time(changes: list[tuple[str, dict]], alternatives: dict[str, dict]) -> dict[str, SpeedOptions]:
+    """The plain path, then each change added to the previous one, then each alternative on top of them all."""
+    variants, options = {"plain": PLAIN}, PLAIN
+    for name, change in changes:
+        options = replace(options, **change)
+        variants[name] = options
+    for name, change in alternatives.items():
+        variants[name] = replace(options, **change)
+    return variants
+
+
+# Compilation is measured last, on the fastest eager variant, because it cannot be undone on a module.
+TRAIN_VARIANTS = one_switch_at_a_time(
+    [("+channels-last conv", {"conv_layout": "channels_last"}), ("+cudnn autotune", {"cudnn_autotune": True})],
+    {"+selective checkpointing": {"checkpointing": "selective"}, "+lean checkpointing": {"checkpointing": "lean"},
+     "+lean +cudnn attention": {"checkpointing": "lean", "attention": "cudnn"},
+     "+selective +cudnn attention": {"checkpointing": "selective", "attention": "cudnn"}},
+)
+STEP_VARIANTS = one_switch_at_a_time(
+    [("+batched guidance", {"batched_guidance": True}), ("+channels-last conv", {"conv_layout": "channels_last"}),
+     ("+cudnn autotune", {"cudnn_autotune": True})],
+    {"+flash attention": {"attention": "flash"}, "+cudnn attention": {"attention": "cudnn"}},
+)
+
+
+class Clock:
+    """Wall time of device work: synchronises before reading the host clock."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+def reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def measured_peak_tflops(device: torch.device) -> float | None:
+    """bf16 matrix-product rate of this card, measured now: the denominator of the utilisation figures."""
+    if device.type != "cuda":
+        return None
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    clock, times = Clock(device), []
+    for i in range(13):
+        start = clock.now()
+        a @ b
+        if i >= 3:
+            times.append(clock.now() - start)
+    return round(2 * 8192**3 / statistics.median(times) / 1e12, 1)
+
+
+def _register_cpu_attention_flops() -> None:
+    """FlopCounterMode counts the CUDA attention kernels; add the CPU one that fake tensors dispatch to."""
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu.default in flop_registry:
+        return
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def model_tflops(config: dict, frames: int, latent: int) -> dict[str, float]:
+    """Model FLOPs (TFLOP) of one training step and one guided UNet step, counted on fake tensors."""
+    _register_cpu_attention_flops()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        unet = UNetSpatioTemporalConditionModel.from_config(config)
+        extend_unet(unet, frames)
+        freeze_for_post_tuning(unet)
+        batch = fake_batch(unet, frames, latent, torch.device("cpu"))
+        train = FlopCounterMode(display=False)
+        with train:
+            post_tuning_loss(unet, batch, generator=torch.Generator().manual_seed(0)).backward()
+        unet.requires_grad_(False)
+        infer = FlopCounterMode(display=False)
+        with infer:
+            inputs = torch.randn(2, frames, 2 * unet.config.out_channels, latent, latent)
+            unet(inputs, torch.ones(1), encoder_hidden_states=torch.randn(2, 1, unet.config.cross_attention_dim),
+                 added_time_ids=torch.randn(2, 3), return_dict=False)
+    return {"train_step": train.get_total_flops() / 1e12, "guided_unet_step": infer.get_total_flops() / 1e12}
+
+
+def fake_batch(unet: torch.nn.Module, frames: int, latent: int, device: torch.device) -> LatentBatch:
+    """A clip of random latents with the shapes the training stage reads from shards."""
+    return LatentBatch(
+        latents=torch.randn(1, frames, 4, latent, latent), cond_latent=torch.randn(1, 4, latent, latent),
+        image_embeds=torch.randn(1, 1, unet.config.cross_attention_dim), added_time_ids=added_time_ids(30, 127),
+    ).to(device)
+
+
+def build_unet(tiny: bool, device: torch.device) -> UNetSpatioTemporalConditionModel:
+    if tiny:
+        return tiny_svd_components().unet.to(device)
+    with torch.device(device):
+        return UNetSpatioTemporalConditionModel()  # diffusers' defaults are the SVD(-XT) UNet
+
+
+def time_training(unet, trainable, options: SpeedOptions, batch: LatentBatch, args, device) -> dict:
+    """Median step time and peak memory of the training step with `options` switched on `unet`."""
+    enable_checkpointing(unet, options.checkpointing)
+    apply_speed(unet, options)
+    for param in trainable.values():
+        param.grad = None
+    reset_memory(device)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-6, fused=device.type == "cuda")
+    clock, times = Clock(device), []
+    try:
+        for step in range(args.warmup + args.steps):
+            start = clock.now()
+            with speed_context(options):
+                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                    loss = post_tuning_loss(unet, batch, generator=torch.Generator().manual_seed(step))
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step >= args.warmup:
+                times.append(clock.now() - start)
+    except torch.OutOfMemoryError:
+        return {"error": "out of memory", "peak_gib": peak_gib(device)}
+    finally:
+        del optimizer
+    return {"step_s": round(statistics.median(times), 3), "peak_gib": peak_gib(device),
+            "loss": round(float(loss), 5)}
+
+
+def full_size_pipeline(device: torch.device) -> LongVideoPipeline:
+    """SVD-XT's architecture (UNet, temporal VAE, CLIP ViT-H/14) with random weights, built on the device."""
+    scheduler = tiny_svd_components().scheduler  # the SVD-XT scheduler configuration
+    with torch.device(device):
+        unet = UNetSpatioTemporalConditionModel()
+        vae = AutoencoderKLTemporalDecoder(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                           down_block_types=("DownEncoderBlock2D",) * 4, latent_channels=4)
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+            patch_size=14, image_size=224, projection_dim=1024, hidden_act="gelu"))
+    return LongVideoPipeline(vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler,
+                             feature_extractor=CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}))
+
+
+def build_pipeline(tiny: bool, frames: int, device: torch.device) -> LongVideoPipeline:
+    if tiny:
+        svd = tiny_svd_components()
+        pipeline = LongVideoPipeline(vae=svd.vae, image_encoder=svd.image_encoder, unet=svd.unet,
+                                     scheduler=svd.scheduler, feature_extractor=svd.feature_extractor)
+    else:
+        pipeline = full_size_pipeline(device)
+    extend_unet(pipeline.unet, frames)
+    pipeline.unet.requires_grad_(False)
+    return pipeline.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def time_unet_step(pipeline: LongVideoPipeline, options: SpeedOptions, image: PIL.Image.Image,
+                   params: GenerationParams, args, device) -> dict:
+    """Median time and peak memory of one guided UNet step of the pipeline with `options`."""
+    pipeline.set_speed(options)
+    generator = torch.Generator().manual_seed(0)
+    cond = pipeline.encode_condition(image, params, generator)
+    latent = params.height // pipeline.vae_scale_factor
+    latents = torch.randn(1, params.num_frames, 4, latent, latent, generator=generator).to(device, pipeline.unet.dtype)
+    ramp = guidance_ramp(params.min_guidance, params.max_guidance, params.num_frames)
+    timestep = torch.tensor(1.0, device=device)
+    reset_memory(device)
+    clock, times = Clock(device), []
+    compile_s = None
+    with torch.no_grad(), speed_context(options):
+        for step in range(args.warmup + args.steps):
+            start = clock.now()
+            guided_model_output(pipeline.unet, latents, timestep, cond, ramp, options.batched_guidance)
+            elapsed = clock.now() - start
+            if step == 0:
+                compile_s = round(elapsed, 1)
+            if step >= args.warmup:
+                times.append(elapsed)
+    return {"step_s": round(statistics.median(times), 3), "peak_gib": peak_gib(device), "first_call_s": compile_s}
+
+
+def time_video(pipeline: LongVideoPipeline, options: SpeedOptions, image: PIL.Image.Image, params: GenerationParams,
+               device) -> dict:
+    """Wall time and peak memory of one whole video (`generate`) with `options`."""
+    pipeline.set_speed(options)
+    reset_memory(device)
+    clock = Clock(device)
+    start = clock.now()
+    video = pipeline.generate(image, params)
+    total = clock.now() - start
+    return {"video_s": round(total, 1), "denoise_s": round(video.timings["denoise_s"], 1),
+            "decode_s": round(video.timings["decode_s"], 1), "peak_gib": peak_gib(device),
+            "frames": int(video.frames.shape[0])}
+
+
+class Report:
+    """Results so far, rewritten to --json after every measurement."""
+
+    def __init__(self, path: str | None, header: dict):
+        self.path, self.data = path, {**header, "train": {}, "unet_step": {}, "video": {}}
+
+    def add(self, part: str, name: str, row: dict) -> None:
+        self.data[part][name] = row
+        print(f"[{part}] {name}: {row}", flush=True)
+        self.save()
+
+    def save(self) -> None:
+        if self.path:
+            with open(self.path, "w") as handle:
+                json.dump(self.data, handle, indent=1)
+
+
+def with_utilisation(row: dict, model_tflop: float, peak: float | None) -> dict:
+    """Add achieved model TFLOP/s and the fraction of the measured peak to a timed row."""
+    if "step_s" in row:
+        achieved = model_tflop / row["step_s"]
+        row.update(model_tflops_per_s=round(achieved, 1), mfu=round(achieved / peak, 3) if peak else None)
+    return row
+
+
+def measure_variants(report: Report, part: str, variants: dict[str, SpeedOptions], selection: list[str] | None,
+                     measure, model_tflop: float, peak: float | None, device: torch.device) -> None:
+    """Time each selected variant with `measure(options)`; a variant that fails is recorded and skipped."""
+    for name, options in variants.items():
+        if selection and name not in selection:
+            continue
+        if device.type != "cuda" and options.attention in ("flash", "cudnn"):
+            continue
+        try:
+            row = measure(options)
+        except RuntimeError as exc:  # e.g. an attention backend that refuses these shapes on this card
+            row = {"error": str(exc)[:300]}
+        report.add(part, name, {"options": asdict(options), **with_utilisation(row, model_tflop, peak)})
+
+
+def run_training(report: Report, args, device, flops: dict, peak: float | None) -> None:
+    unet = build_unet(args.tiny, device)
+    trainable = prepare_for_post_tuning(unet, args.frames, "bf16" if device.type == "cuda" else "fp32", True, device,
+                                        PLAIN)
+    batch = fake_batch(unet, args.frames, args.size // 8, device)
+    measure_variants(report, "train", TRAIN_VARIANTS, args.train_variants,
+                     lambda options: time_training(unet, trainable, options, batch, args, device),
+                     flops["train_step"], peak, device)
+
+
+def run_generation(report: Report, args, device, flops: dict, peak: float | None, started: float) -> None:
+    pipeline = build_pipeline(args.tiny, args.frames, device)
+    pipeline.set_progress_bar_config(disable=True)
+    params = GenerationParams(num_frames=args.frames, height=args.size, width=args.size, steps=args.video_steps)
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), np.uint8))
+    measure_variants(report, "unet_step", STEP_VARIANTS, args.step_variants,
+                     lambda options: time_unet_step(pipeline, options, image, params, args, device),
+                     flops["guided_unet_step"], peak, device)
+    eager = {name: row for name, row in report.data["unet_step"].items() if "step_s" in row}
+    best_name = min(eager, key=lambda name: eager[name]["step_s"])
+    best = SpeedOptions(**eager[best_name]["options"])
+    if "plain" in args.videos:
+        report.add("video", "plain", {"options": asdict(PLAIN), **time_video(pipeline, PLAIN, image, params, device)})
+    if "best" in args.videos:
+        report.add("video", f"best eager ({best_name})",
+                   {"options": asdict(best), **time_video(pipeline, best, image, params, device)})
+    if args.skip_compile or time.perf_counter() - started > args.budget_s:
+        print("compiled variants skipped (--skip-compile or over --budget-s)", flush=True)
+        return
+    compiled = replace(best, compile_blocks=True)
+    row = with_utilisation(time_unet_step(pipeline, compiled, image, params, args, device),
+                           flops["guided_unet_step"], peak)
+    report.add("unet_step", f"{best_name} +compiled blocks", {"options": asdict(compiled), **row})
+    if "compiled" in args.videos:
+        report.add("video", "best eager +compiled blocks",
+                   {"options": asdict(compiled), **time_video(pipeline, compiled, image, params, device)})
+
+
+def print_tables(data: dict) -> None:
+    flops = data["model_tflop"]
+    print(f"\n{data['model']}, {data['frames']} frames at {data['size']}x{data['size']}, batch 1, {data['hardware']}, "
+          f"{data['date']}; measured bf16 peak {data['peak_tflops']} TFLOP/s; model TFLOP per training step "
+          f"{flops['train_step']:.1f}, per guided UNet step {flops['guided_unet_step']:.1f}")
+    columns = ("step_s", "peak_gib", "model_tflops_per_s", "mfu", "first_call_s")
+    print("\n| training step | median s | peak GiB | model TFLOP/s | of peak |\n|---|---|---|---|---|")
+    for name, row in data["train"].items():
+        print(f"| {name} | " + " | ".join(str(row.get(c, row.get("error", ""))) for c in columns[:4]) + " |")
+    print("\n| guided UNet step | median s | peak GiB | model TFLOP/s | of peak | first call s |\n"
+          "|---|---|---|---|---|---|")
+    for name, row in data["unet_step"].items():
+        print(f"| {name} | " + " | ".join(str(row.get(c, row.get("error", ""))) for c in columns) + " |")
+    print("\n| whole video | s | denoise s | decode s | peak GiB |\n|---|---|---|---|---|")
+    for name, row in data["video"].items():
+        print(f"| {name} | {row['video_s']} | {row['denoise_s']} | {row['decode_s']} | {row['peak_gib']} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny random model (runs on the CPU)")
+    parser.add_argument("--frames", type=int, default=128)
+    parser.add_argument("--size", type=int, default=512, help="pixel height = width")
+    parser.add_argument("--steps", type=int, default=5, help="timed repetitions per variant")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--video-steps", type=int, default=50, help="sampler steps of the whole-video runs")
+    parser.add_argument("--parts", nargs="+", default=["train", "generate"], choices=["train", "generate"])
+    parser.add_argument("--train-variants", nargs="*", help=f"subset of: {', '.join(TRAIN_VARIANTS)}")
+    parser.add_argument("--step-variants", nargs="*", help=f"subset of: {', '.join(STEP_VARIANTS)}")
+    parser.add_argument("--videos", nargs="*", default=["plain", "best", "compiled"],
+                        choices=["plain", "best", "compiled"], help="whole videos to time")
+    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=420, help="skip compilation once the run is this old")
+    parser.add_argument("--json", help="write the results here (after every measurement)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.tiny and device.type != "cuda":
+        raise SystemExit("full size needs a GPU: run with --tiny --frames 16 --size 64 to check the script on the CPU")
+    torch.manual_seed(0)
+    config = (tiny_svd_components().unet if args.tiny else build_unet(False, torch.device("meta"))).config
+    flops = model_tflops(dict(config), args.frames, args.size // 8)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    report = Report(args.json, {
+        "model": "tiny SVD UNet" if args.tiny else "SVD-XT (random weights)", "frames": args.frames, "size": args.size,
+        "hardware": hardware, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "torch": torch.__version__,
+        "peak_tflops": measured_peak_tflops(device), "model_tflop": flops, "args": vars(args),
+    })
+    peak = report.data["peak_tflops"]
+    if "train" in args.parts:
+        run_training(report, args, device, flops, peak)
+    if "generate" in args.parts:
+        run_generation(report, args, device, flops, peak, started)
+    report.data["wall_s"] = round(time.perf_counter() - started, 1)
+    report.save()
+    print_tables(report.data)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""How the UNet computes, never what: the speed switches of the training and generation paths.
+
+Every switch has a plain counterpart (`SpeedOptions.plain()`), and each optimised path is checked against it:
+`tests/test_speed.py` at tiny size on the CPU, `benchmarks/gpu_check.py` at full size on a GPU. What each switch
+contributed on an H100 is in benchmarks/RESULTS.md (`benchmarks/gpu_bench.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from diffusers.models.attention import FeedForward
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from exvideo.unet import ExVideoTransformerSpatioTemporalModel, spatio_temporal_transformers
+
+ConvLayout = Literal["channels_last", "channels_first"]
+Attention = Literal["auto", "flash", "cudnn", "efficient", "math"]
+Checkpointing = Literal["full", "selective", "lean"]
+
+# In PyTorch's default order, which is also the fallback order after the chosen backend.
+_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH,
+}
+
+# diffusers classes repeated throughout the SVD UNet: compiled once per shape, reused by every instance.
+REPEATED_BLOCKS = ("BasicTransformerBlock", "TemporalBasicTransformerBlock", "SpatioTemporalResBlock")
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """Speed switches. Training reads all but compile_blocks and batched_guidance; generation all but checkpointing.
+
+    The defaults are what paid on an H200 at 128 frames 512x512 (benchmarks/RESULTS.md): channels-last
+    convolution, lean checkpointing (34 GiB instead of 48.5 for the same step time) and batched guidance. cuDNN
+    autotuning and a forced attention backend measured no gain; compiled blocks made a guided step 16% faster
+    after ~110 s of compilation, so they pay only for jobs that make many videos per process.
+
+    conv_layout: ExVideo's 3D convolution on channels-last (NDHWC) activations, the layout the tokens already have,
+        instead of permuting them to NCDHW and back around every convolution.
+    attention: the scaled-dot-product-attention backend; "auto" lets PyTorch choose.
+    checkpointing: what backward keeps and recomputes when gradient checkpointing is on. "full" recomputes whole
+        blocks; "selective" also keeps the outputs of the expensive operations (`SAVE_MIN_FLOPS_PER_ELEMENT`):
+        faster, more memory; "lean" keeps fewer block boundaries and recomputes each feed-forward in
+        `FEED_FORWARD_CHUNKS` pieces once more: less memory, a little slower.
+    cudnn_autotune: cuDNN times its algorithms for each new convolution shape and keeps the fastest (the first
+        call of a shape pays for the timing).
+    compile_blocks: torch.compile diffusers' repeated blocks (regional compilation).
+    batched_guidance: both classifier-free-guidance branches in one UNet call rather than two.
+    """
+
+    conv_layout: ConvLayout = "channels_last"
+    attention: Attention = "auto"
+    checkpointing: Checkpointing = "lean"
+    cudnn_autotune: bool = False
+    compile_blocks: bool = False
+    batched_guidance: bool = True
+
+    @classmethod
+    def plain(cls) -> SpeedOptions:
+        """Every optimisation off: the baseline the benchmarks and checks compare against."""
+        return cls(conv_layout="channels_first", attention="auto", checkpointing="full", cudnn_autotune=False,
+                   compile_blocks=False, batched_guidance=False)
+
+
+def attention_backend(name: Attention) -> contextlib.AbstractContextManager:
+    """Context in which scaled-dot-product attention tries backend `name` first ("auto": PyTorch's own order).
+
+    Calls the backend cannot serve fall back to the others (cuDNN, for one, refuses a single key, as in SVD's
+    cross-attention to the image embedding).
+    """
+    if name == "auto":
+        return contextlib.nullcontext()
+    first = _BACKENDS[name]
+    return sdpa_kernel([first, *(b for b in _BACKENDS.values() if b is not first)], set_priority=True)
+
+
+@contextlib.contextmanager
+def speed_context(options: SpeedOptions) -> Iterator[None]:
+    """The call-level switches (attention backend, cuDNN autotuning) around UNet calls; restored on exit."""
+    cudnn = torch.backends.cudnn
+    with attention_backend(options.attention), cudnn.flags(
+        enabled=cudnn.enabled, benchmark=options.cudnn_autotune, benchmark_limit=cudnn.benchmark_limit,
+        deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32,
+    ):
+        yield
+
+
+# An operation whose output costs at least this many FLOPs per element to recompute is kept for backward under
+# selective checkpointing; cheaper ones (norms, activations, residual adds, narrow projections) are recomputed.
+# In SVD's UNet this keeps self-attention over at least 1024 tokens, every 3x3 convolution, ExVideo's 3x3x3
+# convolutions and projections from 2048 channels or more; recomputing the rest costs little time per byte saved.
+SAVE_MIN_FLOPS_PER_ELEMENT = 4096
+
+_ATTENTION_OPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def flops_per_output_element(op, args: tuple) -> float:
+    """FLOPs an aten operation spends per element of its output (0 for operations that are not matrix work)."""
+    if op is torch.ops.aten.convolution.default:
+        weight = args[1]
+        return 2 * weight.shape[1] * math.prod(weight.shape[2:])
+    if op is torch.ops.aten.mm.default:
+        return 2 * args[0].shape[-1]
+    if op is torch.ops.aten.addmm.default:
+        return 2 * args[1].shape[-1]
+    if op in _ATTENTION_OPS:
+        return 4 * args[1].shape[-2]  # QK^T and AV over the key length
+    return 0
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if flops_per_output_element(op, args) >= SAVE_MIN_FLOPS_PER_ELEMENT:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_function(policy: Checkpointing) -> Callable:
+    """A `gradient_checkpointing_func` for diffusers' `enable_gradient_checkpointing`."""
+    context_fn = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+
+    def run(module: Callable, *args):
+        if policy == "selective":
+            return checkpoint(module, *args, use_reentrant=False, context_fn=context_fn)
+        return checkpoint(module, *args, use_reentrant=False)
+
+    return run
+
+
+# "lean" splits every feed-forward's tokens into this many pieces, each checkpointed on its own: the widest
+# activations of a block (the GEGLU's 8x-wide projection) then exist for one piece at a time in backward.
+FEED_FORWARD_CHUNKS = 4
+
+
+class ChunkCheckpointedFeedForward(FeedForward):
+    """diffusers' `FeedForward`, run in token chunks that each recompute their activations in backward.
+
+    Instances are diffusers' own modules with their class switched, so parameter names do not change.
+    """
+
+    chunks: int = FEED_FORWARD_CHUNKS
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(hidden_states)
+        run = super().forward
+        pieces = hidden_states.flatten(0, -2).chunk(self.chunks)
+        outputs = [checkpoint(run, piece, use_reentrant=False) for piece in pieces]
+        return torch.cat(outputs).reshape(*hidden_states.shape[:-1], -1)
+
+
+def enable_checkpointing(unet: nn.Module, policy: Checkpointing) -> None:
+    """Gradient checkpointing over every block, the ExVideo temporal steps included, with `policy`."""
+    unet.enable_gradient_checkpointing(checkpoint_function(policy))
+    lean = policy == "lean"
+    for module in unet.modules():
+        if isinstance(module, FeedForward):
+            module.__class__ = ChunkCheckpointedFeedForward if lean else FeedForward
+        if isinstance(module, ExVideoTransformerSpatioTemporalModel):
+            module.checkpoint_units = "lean" if lean else "blocks"
+
+
+def set_conv_layout(unet: nn.Module, layout: ConvLayout) -> None:
+    """Choose the memory layout ExVideo's 3D convolutions run in, on every extended transformer of `unet`."""
+    for transformer in spatio_temporal_transformers(unet).values():
+        if isinstance(transformer, ExVideoTransformerSpatioTemporalModel):
+            transformer.conv_layout = layout
+
+
+def compile_repeated_blocks(unet: nn.Module) -> int:
+    """torch.compile each repeated block in place; returns how many.
+
+    Instances of a class share compiled code. Shapes differ between blocks (channels, resolution), so after the
+    first recompilation dynamo makes the changing sizes symbolic and one graph serves the rest of that class.
+    """
+    blocks = [m for m in unet.modules() if type(m).__name__ in REPEATED_BLOCKS]
+    # Every up/down level gives a block class new shapes; let it recompile rather than silently fall back to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def apply_speed(unet: nn.Module, options: SpeedOptions) -> None:
+    """Apply the module-level switches (conv layout, compilation) to `unet` in place."""
+    set_conv_layout(unet, options.conv_layout)
+    if options.compile_blocks:
+        compile_repeated_blocks(unet)

@@ -1,0 +1,196 @@
+"""The speed switches compute what the plain path computes (tiny model, CPU); benchmarks/gpu_check.py at full size."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers.models.attention import FeedForward
+
+from conftest import unet_inputs
+from exvideo import LatentBatch, SpeedOptions, added_time_ids, extend_unet, post_tuning_loss, prepare_for_post_tuning
+from exvideo.speed import (
+    SAVE_MIN_FLOPS_PER_ELEMENT, ChunkCheckpointedFeedForward, attention_backend, compile_repeated_blocks,
+    enable_checkpointing, flops_per_output_element, set_conv_layout, speed_context,
+)
+from exvideo.unet import reflect_conv3d, reflect_conv3d_channels_last
+from pipelines.generate import GenerationParams, load_pipeline
+from pipelines.generate.guidance import Conditioning, guided_model_output
+from pipelines.train.config import TrainConfig
+
+PLAIN = SpeedOptions.plain()
+aten = torch.ops.aten
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3, 6), (1, 1, 1, 1, 6), (1, 3, 1, 4, 6), (1, 1, 5, 5, 6)])
+def test_channels_last_conv_equals_the_permuted_one_at_every_size(shape):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(6, 6, 3)
+    video = torch.randn(shape)  # [B, T, H, W, C]; size-1 dimensions are replicated, the others reflected
+    expected = reflect_conv3d(conv, video.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+    torch.testing.assert_close(reflect_conv3d_channels_last(conv, video), expected, rtol=1e-6, atol=1e-6)
+
+
+def _perturbed_extended(tiny_unet, frames: int = 32):
+    """An extended UNet moved off the identity initialisation, so the 3D convolutions really mix."""
+    unet = extend_unet(tiny_unet, frames)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, torch.nn.Conv3d) and module.kernel_size == (3, 3, 3):
+                module.weight.add_(0.05 * torch.randn(module.weight.shape, generator=generator))
+    return unet.requires_grad_(False).eval()
+
+
+def test_conv_layouts_give_the_same_unet_output(tiny_unet):
+    unet = _perturbed_extended(tiny_unet)
+    inputs = unet_inputs(30)
+    outputs = []
+    for layout in ("channels_first", "channels_last"):
+        set_conv_layout(unet, layout)
+        outputs.append(unet(**inputs, return_dict=False)[0])
+    assert (outputs[0] - unet_inputs(30)["sample"][:, :, :4]).abs().mean() > 0  # the UNet computed something
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["math", "cudnn", "flash"])
+def test_attention_backends_fall_back_and_agree(tiny_unet, name):
+    unet = _perturbed_extended(tiny_unet)
+    inputs = unet_inputs(12)
+    reference = unet(**inputs, return_dict=False)[0]
+    # On the CPU cuDNN is never available: its calls must fall back rather than fail.
+    with attention_backend(name):
+        output = unet(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(output, reference, rtol=1e-4, atol=1e-5)
+
+
+def _loss_and_grads(base, gradient_checkpointing: bool, options: SpeedOptions):
+    unet = copy.deepcopy(base)
+    trainable = prepare_for_post_tuning(unet, 32, "fp32", gradient_checkpointing, "cpu", options)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for param in trainable.values():
+            param.add_(0.01 * torch.randn_like(param))
+    batch = LatentBatch(latents=torch.randn(1, 6, 4, 8, 8, generator=torch.Generator().manual_seed(1)),
+                        cond_latent=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)),
+                        image_embeds=torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(3)),
+                        added_time_ids=added_time_ids(30, 127))
+    with speed_context(options):
+        loss = post_tuning_loss(unet, batch, generator=torch.Generator().manual_seed(3))
+        loss.backward()
+    return unet, loss.detach(), torch.cat([p.grad.flatten() for p in trainable.values()])
+
+
+@pytest.fixture(scope="module")
+def no_checkpointing(request):
+    from conftest import _tiny_unet_template
+
+    base = copy.deepcopy(_tiny_unet_template())
+    return base, _loss_and_grads(base, False, PLAIN)
+
+
+@pytest.mark.parametrize("options, tolerance", [
+    (PLAIN, 1e-6),
+    (replace(PLAIN, checkpointing="selective"), 1e-6),
+    (replace(PLAIN, checkpointing="lean"), 5e-3),  # chunked matmuls: other summation order, amplified by depth
+    (SpeedOptions(), 5e-3),
+])
+def test_checkpointing_policies_give_the_same_loss_and_gradients(no_checkpointing, options, tolerance):
+    base, (_, loss, grads) = no_checkpointing
+    _, checkpointed_loss, checkpointed_grads = _loss_and_grads(base, True, options)
+    assert grads.norm() > 0
+    torch.testing.assert_close(checkpointed_loss, loss, rtol=1e-6, atol=0)
+    assert float((checkpointed_grads - grads).norm() / grads.norm()) < tolerance
+
+
+def test_lean_checkpointing_switches_feed_forwards_and_full_switches_them_back(tiny_unet):
+    unet = extend_unet(tiny_unet, 32)
+    feed_forwards = [m for m in unet.modules() if isinstance(m, FeedForward)]
+    names = sorted(unet.state_dict())
+    enable_checkpointing(unet, "lean")
+    assert feed_forwards and all(type(m) is ChunkCheckpointedFeedForward for m in feed_forwards)
+    assert sorted(unet.state_dict()) == names  # a class switch: checkpoints and adapters keep their keys
+    enable_checkpointing(unet, "full")
+    assert all(type(m) is FeedForward for m in feed_forwards)
+
+
+def test_chunked_feed_forward_matches_and_skips_chunking_without_grad():
+    torch.manual_seed(0)
+    plain = FeedForward(16, activation_fn="geglu")
+    chunked = copy.deepcopy(plain)
+    chunked.__class__ = ChunkCheckpointedFeedForward
+    x = torch.randn(3, 7, 16, requires_grad=True)  # 21 tokens: chunks of unequal size
+    x_chunked = x.detach().clone().requires_grad_()
+    torch.testing.assert_close(chunked(x_chunked), plain(x))
+    plain(x).sum().backward()
+    chunked(x_chunked).sum().backward()
+    torch.testing.assert_close(x_chunked.grad, x.grad)
+    for mine, theirs in zip(chunked.parameters(), plain.parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_selective_policy_keeps_expensive_outputs_and_recomputes_cheap_ones():
+    wide_conv = torch.empty(320, 320, 3, 3)
+    narrow_mm = (torch.empty(10, 320), torch.empty(320, 320))
+    long_keys = (torch.empty(1, 5, 10, 64), torch.empty(1, 5, 4096, 64), torch.empty(1, 5, 4096, 64))
+    single_key = (torch.empty(1, 5, 10, 64), torch.empty(1, 5, 1, 64), torch.empty(1, 5, 1, 64))
+    assert flops_per_output_element(aten.convolution.default, (None, wide_conv)) == 2 * 320 * 9
+    assert flops_per_output_element(aten.mm.default, narrow_mm) == 640
+    assert flops_per_output_element(aten.addmm.default, (None, *narrow_mm)) == 640
+    assert flops_per_output_element(aten._scaled_dot_product_flash_attention.default, long_keys) == 4 * 4096
+    assert flops_per_output_element(aten.gelu.default, (torch.empty(3),)) == 0
+    kept = [flops_per_output_element(aten.convolution.default, (None, wide_conv)),
+            flops_per_output_element(aten._scaled_dot_product_flash_attention.default, long_keys)]
+    recomputed = [flops_per_output_element(aten.mm.default, narrow_mm),
+                  flops_per_output_element(aten._scaled_dot_product_flash_attention.default, single_key)]
+    assert min(kept) >= SAVE_MIN_FLOPS_PER_ELEMENT > max(recomputed)
+
+
+def test_one_call_and_two_calls_of_guidance_agree(tiny_unet):
+    unet = _perturbed_extended(tiny_unet)
+    generator = torch.Generator().manual_seed(4)
+    latents = torch.randn(1, 10, 4, 8, 8, generator=generator)
+    cond = Conditioning(torch.randn(2, 1, 32, generator=generator), torch.randn(2, 1, 4, 8, 8, generator=generator),
+                        torch.tensor([[29.0, 127.0, 0.02]] * 2), guided=True)
+    ramp = torch.linspace(1.0, 3.0, 10)
+    batched = guided_model_output(unet, latents, torch.tensor(0.5), cond, ramp, batched=True)
+    separate = guided_model_output(unet, latents, torch.tensor(0.5), cond, ramp, batched=False)
+    # Other batch sizes pick other kernels: the same function up to float32 rounding, amplified by a random model.
+    assert float((separate - batched).norm() / batched.norm()) < 1e-4
+
+
+def test_plain_and_optimised_pipelines_make_the_same_video(tiny_svd_dir):
+    image = PIL.Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    params = GenerationParams(num_frames=12, height=64, width=64, steps=2, seed=11)
+    pipe = load_pipeline(tiny_svd_dir, method="exvideo", table_frames=32, speed=PLAIN)
+    pipe.set_progress_bar_config(disable=True)
+    videos = []
+    for options in (PLAIN, SpeedOptions(cudnn_autotune=True)):
+        pipe.set_speed(options)
+        assert pipe.speed == options
+        videos.append(pipe.generate(image, params).frames.astype(int))
+    assert videos[0].shape == (12, 64, 64, 3)
+    assert np.abs(videos[0] - videos[1]).max() <= 2
+
+
+def test_compile_repeated_blocks_wraps_exactly_the_repeated_blocks(tiny_unet):
+    unet = extend_unet(tiny_unet, 32)
+    repeated = [m for m in unet.modules()
+                if type(m).__name__ in ("BasicTransformerBlock", "TemporalBasicTransformerBlock",
+                                        "SpatioTemporalResBlock")]
+    assert compile_repeated_blocks(unet) == len(repeated) > 0
+    assert all(m._compiled_call_impl is not None for m in repeated)
+    assert unet._compiled_call_impl is None  # the UNet itself stays eager: only its blocks compile
+
+
+def test_speed_settings_are_validated_by_name(tmp_path):
+    with pytest.raises(ValueError, match="speed.attention"):
+        TrainConfig(svd_dir=tmp_path, shards="x", speed={"attention": "fastest"})
+    with pytest.raises(ValueError, match="compile_blocks is for generation"):
+        TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_blocks": True})
+    config = TrainConfig(svd_dir=tmp_path, shards="x", speed={"checkpointing": "selective"})
+    assert TrainConfig.model_validate(config.model_dump(mode="json")).speed.checkpointing == "selective"
