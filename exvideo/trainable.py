@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from exvideo.speed import SpeedOptions, apply_speed, enable_checkpointing
-from exvideo.unet import extend_unet, extended_num_frames, spatio_temporal_transformers
+from exvideo.unet import BASE_FRAMES, extend_unet, extended_num_frames, spatio_temporal_transformers
 
 TRAINABLE_CHILDREN = ("temporal_transformer_blocks.", "time_pos_embed.", "time_proj.")
 
@@ -43,8 +43,12 @@ def freeze_for_post_tuning(unet: nn.Module) -> dict[str, nn.Parameter]:
 
 def prepare_for_post_tuning(unet: nn.Module, num_frames: int, precision: str = "fp32",
                             gradient_checkpointing: bool = True, device: torch.device | str = "cpu",
-                            speed: SpeedOptions = SpeedOptions()) -> dict[str, nn.Parameter]:
+                            speed: SpeedOptions = SpeedOptions(), base_frames: int = BASE_FRAMES,
+                            mode: str = "temporal") -> dict[str, nn.Parameter]:
     """Extend and freeze a base UNet for post-tuning, in place, and return its trainable set.
+
+    mode "all" trains a base model instead: the UNet stays unextended and every weight is trainable.
+    `base_frames`: the clip length the base was trained on, for the cyclic position table (`extend_unet`).
 
     precision "bf16": frozen weights in bf16 (the forward runs under autocast), trainable weights and their AdamW
     state in fp32. `speed` picks the convolution layout and what checkpointing recomputes (exvideo.speed).
@@ -52,8 +56,12 @@ def prepare_for_post_tuning(unet: nn.Module, num_frames: int, precision: str = "
     if speed.compile_blocks and gradient_checkpointing:
         raise ValueError("compile_blocks is for generation: selective checkpointing cannot see inside compiled "
                          "blocks; train with speed.compile_blocks=false")
-    extend_unet(unet, num_frames)
-    trainable = freeze_for_post_tuning(unet)
+    if mode == "all":
+        trainable = dict(unet.named_parameters())
+        unet.requires_grad_(True)
+    else:
+        extend_unet(unet, num_frames, base_frames)
+        trainable = freeze_for_post_tuning(unet)
     if precision == "bf16":
         unet.to(torch.bfloat16)
         for param in trainable.values():

@@ -257,8 +257,12 @@ def _extend_transformer(transformer: TransformerSpatioTemporalModel, ids: torch.
     transformer.__class__ = ExVideoTransformerSpatioTemporalModel
 
 
-def extend_unet(unet: UNetSpatioTemporalConditionModel, num_frames: int = 128) -> UNetSpatioTemporalConditionModel:
+def extend_unet(unet: UNetSpatioTemporalConditionModel, num_frames: int = 128,
+                base_frames: int = BASE_FRAMES) -> UNetSpatioTemporalConditionModel:
     """Convert a diffusers SVD UNet to ExVideo in place and return it.
+
+    `base_frames` is the clip length the base model was trained on (SVD: 25); the table keeps positions below it
+    and bounces later frames back into them (`cyclic_position_ids`).
 
     Works on any `UNetSpatioTemporalConditionModel` config (tiny or SVD-XT) and on any device, `meta` included.
     The UNet's config records `exvideo_num_frames`, so `exvideo.load_unet` can rebuild it from `save_pretrained`.
@@ -273,7 +277,7 @@ def extend_unet(unet: UNetSpatioTemporalConditionModel, num_frames: int = 128) -
     transformers = spatio_temporal_transformers(unet)
     if not transformers:
         raise ValueError("UNet has no TransformerSpatioTemporalModel to extend")
-    ids = torch.tensor(cyclic_position_ids(num_frames))
+    ids = torch.tensor(cyclic_position_ids(num_frames, base_frames, min(CYCLE_LOW, base_frames - 2)))
     for transformer in transformers.values():
         _extend_transformer(transformer, ids)
     unet.register_to_config(**{CONFIG_KEY: num_frames})

@@ -23,6 +23,11 @@ class TrainConfig(StageConfig):
     name: str = "exvideo"
 
     num_frames: int = Field(128, ge=2, description="length of the position tables (the longest video it can make)")
+    base_frames: int = Field(25, ge=3, description="clip length the base model was trained on (SVD: 25); the "
+                                                   "position table keeps these positions and bounces later frames")
+    trainable: Literal["temporal", "all"] = Field(
+        "temporal", description="temporal: ExVideo post-tuning; all: train every weight of the plain (unextended) "
+                                "UNet, to train a base model from scratch; checkpoints then hold every UNet tensor")
     max_steps: int = Field(1000, ge=1)
     batch_size: int = Field(1, ge=1, description="clips per worker per step")
     lr: float = Field(1e-5, gt=0)

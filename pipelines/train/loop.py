@@ -22,12 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from exvideo import LatentBatch, load_unet, post_tuning_loss, prepare_for_post_tuning
-from exvideo.adapter import adapter_metadata, write_adapter
+from exvideo.adapter import write_adapter
 from exvideo.samples import collate
 from exvideo.speed import speed_context
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import StreamStats, list_shards, rank_stream
-from pipelines.train.state import EMA, TrainState, load_checkpoint, save_checkpoint
+from pipelines.train.state import EMA, TrainState, checkpoint_metadata, load_checkpoint, save_checkpoint
 
 BEST_ADAPTER = "best_adapter.safetensors"
 REPLICA_FILE = "replica-{rank}.json"
@@ -41,7 +41,7 @@ def build_unet(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict[
     """The run's base UNet from disk, prepared for post-tuning."""
     unet = load_unet(cfg.svd_dir)
     return unet, prepare_for_post_tuning(unet, cfg.num_frames, cfg.precision, cfg.gradient_checkpointing, device,
-                                         cfg.speed)
+                                         cfg.speed, cfg.base_frames, cfg.trainable)
 
 
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -209,7 +209,7 @@ def _checkpoint(cfg: TrainConfig, rank: int, unet: nn.Module, trainable: dict, o
             save_checkpoint(Path(directory), unet, optimizer.state_dict(), state, ema, base_model)
             if improved:
                 cfg.run_dir.mkdir(parents=True, exist_ok=True)
-                write_adapter(trainable, cfg.run_dir / BEST_ADAPTER, adapter_metadata(unet, base_model),
+                write_adapter(trainable, cfg.run_dir / BEST_ADAPTER, checkpoint_metadata(unet, base_model),
                               torch.float32)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint-{state.step:08d}")

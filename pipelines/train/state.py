@@ -2,7 +2,8 @@
 
 A checkpoint directory holds
 
-    adapter.safetensors      the trainable tensors (exvideo.save_adapter), usable on its own
+    adapter.safetensors      the trainable tensors (exvideo.save_adapter), usable on its own; when training a base
+                             model (trainable=all) every UNet tensor instead (format exvideo-unet-weights)
     ema_adapter.safetensors  their EMA, when enabled (also usable on its own)
     optimizer.pt             AdamW state (tensors and numbers only; read with weights_only=True)
     state.json               step, clips consumed per rank, loss so far, MLflow run id
@@ -17,13 +18,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from exvideo import apply_adapter, save_adapter
-from exvideo.adapter import adapter_metadata, read_adapter, write_adapter
+from exvideo import apply_adapter
+from exvideo.adapter import adapter_metadata, adapter_state_dict, read_adapter, write_adapter
+from exvideo.unet import extended_num_frames
 
 ADAPTER = "adapter.safetensors"
 EMA_ADAPTER = "ema_adapter.safetensors"
 OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
+FULL_UNET_FORMAT = "exvideo-unet-weights"
 
 
 @dataclass
@@ -52,12 +55,41 @@ class EMA:
             self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
 
 
+def checkpoint_metadata(unet: nn.Module, base_model: str) -> dict[str, str]:
+    """Adapter metadata for an extended UNet; for an unextended one (base training) the file holds every tensor."""
+    if extended_num_frames(unet) is None:
+        return {"format": FULL_UNET_FORMAT, "base_model": base_model}
+    return adapter_metadata(unet, base_model)
+
+
+def checkpoint_tensors(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint saves: the ExVideo trainable set of an extended UNet, else every UNet parameter."""
+    if extended_num_frames(unet) is None:
+        return {name: p.detach() for name, p in unet.named_parameters()}
+    return adapter_state_dict(unet)
+
+
+def load_unet_weights(unet: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a full set of UNet parameters (a base-training checkpoint) into `unet`, refusing any mismatch."""
+    expected = dict(unet.named_parameters())
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if tensors[k].shape != expected[k].shape)
+    if missing or extra or wrong:
+        raise ValueError(f"UNet weights do not fit this UNet: missing {missing[:5]} ({len(missing)}), unexpected "
+                         f"{extra[:5]} ({len(extra)}), wrong shapes {wrong[:5]} ({len(wrong)}); the checkpoint was "
+                         "written for another UNet config")
+    with torch.no_grad():
+        for name, param in expected.items():
+            param.copy_(tensors[name])
+
+
 def save_checkpoint(directory: Path, unet: nn.Module, optimizer_state: dict | None, state: TrainState,
                     ema: EMA | None, base_model: str) -> None:
     """Write a checkpoint into `directory` (a fresh temporary folder that Ray then persists)."""
-    save_adapter(unet, directory / ADAPTER, dtype=torch.float32, base_model=base_model)
+    metadata = checkpoint_metadata(unet, base_model)
+    write_adapter(checkpoint_tensors(unet), directory / ADAPTER, metadata, torch.float32)
     if ema is not None:
-        write_adapter(ema.shadow, directory / EMA_ADAPTER, adapter_metadata(unet, base_model))
+        write_adapter(ema.shadow, directory / EMA_ADAPTER, metadata)
     if optimizer_state is not None:
         torch.save(optimizer_state, directory / OPTIMIZER)
     (directory / STATE).write_text(json.dumps(asdict(state), indent=1))
@@ -66,7 +98,10 @@ def save_checkpoint(directory: Path, unet: nn.Module, optimizer_state: dict | No
 def load_checkpoint(directory: Path, unet: nn.Module, ema: EMA | None) -> tuple[dict | None, TrainState]:
     """Restore adapter (and EMA) into `unet` from `directory`; return the optimizer state dict and counters."""
     tensors, metadata = read_adapter(directory / ADAPTER)
-    apply_adapter(unet, tensors, metadata)
+    if metadata.get("format") == FULL_UNET_FORMAT:
+        load_unet_weights(unet, tensors)
+    else:
+        apply_adapter(unet, tensors, metadata)
     if ema is not None and (directory / EMA_ADAPTER).is_file():
         for name, tensor in read_adapter(directory / EMA_ADAPTER)[0].items():
             ema.shadow[name].copy_(tensor)

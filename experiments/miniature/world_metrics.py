@@ -1,0 +1,63 @@
+"""Metrics only this world allows: where the object should be is known, so generated videos can be scored on it.
+
+The object is found by its colour against the known background: a pixel is the object's when it is closer to the
+object's colour than to the true background at that place, and differs from that background by more than
+`BACKGROUND_MARGIN` (a VAE-blurred, slightly desaturated object still counts; an object that turned grey or into
+another palette colour does not). It is "present" in a frame when that mask covers at least `MIN_AREA_FRACTION` of
+its true area; its position is the mask's centroid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from experiments.miniature.world import WorldVideo, background, render
+
+BACKGROUND_MARGIN = 60.0  # RGB distance; palette colours are >= 150 away from the background
+MIN_AREA_FRACTION = 0.3
+
+
+def locate(frames: np.ndarray, video: WorldVideo) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame of uint8 [T, H, W, 3]: the centroid (x, y) of the object ([T, 2], NaN if absent) and its area in
+    pixels [T]."""
+    pixels = frames.astype(np.float32)
+    to_object = np.linalg.norm(pixels - np.array(video.colour, dtype=np.float32), axis=-1)
+    to_background = np.linalg.norm(pixels - background(video).astype(np.float32), axis=-1)
+    mask = (to_object < to_background) & (to_background > BACKGROUND_MARGIN)
+    area = mask.sum(axis=(1, 2)).astype(np.float32)
+    ys, xs = np.mgrid[0:frames.shape[1], 0:frames.shape[2]]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cx = (mask * xs).sum(axis=(1, 2)) / area
+        cy = (mask * ys).sum(axis=(1, 2)) / area
+    return np.stack([cx, cy], axis=1), area
+
+
+def world_metrics(frames: np.ndarray, video: WorldVideo) -> dict[str, float]:
+    """Scores of a generated video [T, H, W, 3] against the world's truth for its first frame.
+
+    position_error_px: mean distance of the found object to its true centre, over frames where it is present
+    (NaN if never); .last: the same over the last quarter of the frames; present_fraction: frames where the
+    object is present; survives: 1 if it is present (so with its colour kept) in the last frame; psnr_to_truth:
+    PSNR (dB) of the generated frames against the true frames, and .last over the last quarter.
+    """
+    if frames.shape[1:3] != (video.size, video.size):
+        raise ValueError(f"frames are {frames.shape[1:3]} but the world video is {video.size}x{video.size}")
+    num_frames = len(frames)
+    truth = render(video, num_frames)
+    true_area = locate(truth[:1], video)[1][0]
+    centres, area = locate(frames, video)
+    present = area >= MIN_AREA_FRACTION * true_area
+    error = np.linalg.norm(centres - video.positions(num_frames), axis=1)
+    error[~present] = np.nan
+    last = slice(num_frames - max(num_frames // 4, 1), num_frames)
+    mse = (((frames.astype(np.float32) - truth.astype(np.float32)) / 255) ** 2).mean(axis=(1, 2, 3))
+    psnr = 10 * np.log10(1 / np.maximum(mse, 1e-10))
+
+    def nanmean(values: np.ndarray) -> float:
+        return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+    return {
+        "position_error_px": nanmean(error), "position_error_px.last": nanmean(error[last]),
+        "present_fraction": float(present.mean()), "survives": float(present[-1]),
+        "psnr_to_truth": float(psnr.mean()), "psnr_to_truth.last": float(psnr[last].mean()),
+    }
