@@ -291,6 +291,12 @@ WORLD_COLUMNS = ("position_error_px", "position_error_px.last", "present_fractio
                  "psnr_to_truth.last")
 
 
+def _shown(path: str | Path) -> str:
+    """A path as the reader can follow it: relative to the working directory when it lies below it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def _row(name: str, values: dict, columns: tuple[str, ...]) -> str:
     cells = [f"{values[c]:.3f}" if c in values and np.isfinite(values[c]) else "n/a" for c in columns]
     return f"| {name} | " + " | ".join(cells) + " |"
@@ -340,7 +346,7 @@ def results_markdown(cfg: MiniatureConfig, models: dict, evaluation: dict | None
             f"the truth, then {CEILING}, " + ", ".join(METHODS) + ".", "",
             f"Motion bucket at generation: base methods {evaluation['motion_buckets']['base']} (median of the "
             f"{cfg.base_frames}-frame training clips), exvideo {evaluation['motion_buckets']['long']} (median of the "
-            f"{cfg.long_frames}-frame clips). Report with contact sheets: `{evaluation['report']}`.", "",
+            f"{cfg.long_frames}-frame clips). Report with contact sheets: `{_shown(evaluation['report'])}`.", "",
         ]
     return "\n".join(lines)
 
