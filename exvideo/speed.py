@@ -2,7 +2,7 @@
 
 Every switch has a plain counterpart (`SpeedOptions.plain()`), and each optimised path is checked against it:
 `tests/test_speed.py` at tiny size on the CPU, `benchmarks/gpu_check.py` at full size on a GPU. What each switch
-contributed on an H100 is in benchmarks/RESULTS.md (`benchmarks/gpu_bench.py`).
+contributed on an H200 is in benchmarks/RESULTS.md (`benchmarks/gpu_bench.py`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class SpeedOptions:
     """Speed switches. Training reads all but compile_blocks and batched_guidance; generation all but checkpointing.
 
     The defaults are what paid on an H200 at 128 frames 512x512 (benchmarks/RESULTS.md): channels-last
-    convolution, lean checkpointing (34 GiB instead of 48.5 for the same step time) and batched guidance. cuDNN
+    convolution, lean checkpointing (34 GiB instead of 48.5, at about the plain path's step time) and batched guidance. cuDNN
     autotuning and a forced attention backend measured no gain; compiled blocks made a guided step 16% faster
     after ~110 s of compilation, so they pay only for jobs that make many videos per process.
 
@@ -196,7 +196,10 @@ def compile_repeated_blocks(unet: nn.Module) -> int:
 
 
 def apply_speed(unet: nn.Module, options: SpeedOptions) -> None:
-    """Apply the module-level switches (conv layout, compilation) to `unet` in place."""
+    """Apply the module-level switches (conv layout, compilation) to `unet` in place.
+
+    Compilation cannot be undone: once compiled, blocks stay compiled whatever later options say.
+    """
     set_conv_layout(unet, options.conv_layout)
     if options.compile_blocks:
         compile_repeated_blocks(unet)

@@ -8,6 +8,8 @@ is 832,956,800 parameters in 528 tensors.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -44,7 +46,7 @@ def freeze_for_post_tuning(unet: nn.Module) -> dict[str, nn.Parameter]:
 def prepare_for_post_tuning(unet: nn.Module, num_frames: int, precision: str = "fp32",
                             gradient_checkpointing: bool = True, device: torch.device | str = "cpu",
                             speed: SpeedOptions = SpeedOptions(), base_frames: int = BASE_FRAMES,
-                            mode: str = "temporal") -> dict[str, nn.Parameter]:
+                            mode: Literal["temporal", "all"] = "temporal") -> dict[str, nn.Parameter]:
     """Extend and freeze a base UNet for post-tuning, in place, and return its trainable set.
 
     mode "all" trains a base model instead: the UNet stays unextended and every weight is trainable.

@@ -106,9 +106,6 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
     """
 
     time_proj: FramePositionTable
-    # With gradient checkpointing on, also recompute the temporal step (3D conv + temporal block) in backward.
-    # At 128 frames it holds most activations; diffusers' own checkpointing covers only the spatial block.
-    checkpoint_temporal_step: bool = True
     # Memory layout of the 3D convolution (exvideo.speed.set_conv_layout); both compute the same function.
     conv_layout: str = "channels_last"
     # How forward is cut into checkpointed units (exvideo.speed.enable_checkpointing): "blocks" or "lean".
@@ -186,7 +183,6 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
         if checkpointing and self.checkpoint_units == "lean":
             # Two units per block pair; the first also holds norm + projection and the second the mixer, so backward
             # keeps only each unit's input: the transformer's input and the spatial block's output.
-            hidden_states = residual
             for index, (block, temporal_block) in enumerate(zip(self.transformer_blocks,
                                                                  self.temporal_transformer_blocks)):
                 hidden_states = self._gradient_checkpointing_func(
@@ -202,7 +198,8 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
                                                                       encoder_hidden_states)
                 else:
                     hidden_states = block(hidden_states, encoder_hidden_states=encoder_hidden_states)
-                if checkpointing and self.checkpoint_temporal_step:
+                # Unlike diffusers, the temporal step is checkpointed too: at 128 frames it holds most activations.
+                if checkpointing:
                     mix = self._gradient_checkpointing_func(
                         self._temporal_step, temporal_block, hidden_states, emb, time_context,
                         batch_size, num_frames, height, width,
