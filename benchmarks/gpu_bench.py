@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import time
@@ -58,15 +59,18 @@ def one_switch_at_a_time(changes: list[tuple[str, dict]], alternatives: dict[str
 
 # Compilation is measured last, on the fastest eager variant, because it cannot be undone on a module.
 TRAIN_VARIANTS = one_switch_at_a_time(
-    [("+channels-last conv", {"conv_layout": "channels_last"}), ("+cudnn autotune", {"cudnn_autotune": True})],
-    {"+selective checkpointing": {"checkpointing": "selective"}, "+lean checkpointing": {"checkpointing": "lean"},
-     "+lean +cudnn attention": {"checkpointing": "lean", "attention": "cudnn"},
-     "+selective +cudnn attention": {"checkpointing": "selective", "attention": "cudnn"}},
+    [("+channels-last conv", {"conv_layout": "channels_last"}), ("+lean checkpointing", {"checkpointing": "lean"})],
+    {"+frames-2d conv": {"conv_layout": "frames_2d"}, "+unet channels-last": {"unet_channels_last": True},
+     "+unet channels-last +frames-2d conv": {"unet_channels_last": True, "conv_layout": "frames_2d"},
+     "+cudnn autotune": {"cudnn_autotune": True}, "+selective checkpointing": {"checkpointing": "selective"},
+     "+full checkpointing": {"checkpointing": "full"}},
 )
 STEP_VARIANTS = one_switch_at_a_time(
-    [("+batched guidance", {"batched_guidance": True}), ("+channels-last conv", {"conv_layout": "channels_last"}),
-     ("+cudnn autotune", {"cudnn_autotune": True})],
-    {"+flash attention": {"attention": "flash"}, "+cudnn attention": {"attention": "cudnn"}},
+    [("+batched guidance", {"batched_guidance": True}), ("+channels-last conv", {"conv_layout": "channels_last"})],
+    {"+frames-2d conv": {"conv_layout": "frames_2d"}, "+unet channels-last": {"unet_channels_last": True},
+     "+unet channels-last +frames-2d conv": {"unet_channels_last": True, "conv_layout": "frames_2d"},
+     "+cudnn autotune": {"cudnn_autotune": True}, "+flash attention": {"attention": "flash"},
+     "+cudnn attention": {"attention": "cudnn"}},
 )
 
 
@@ -142,6 +146,21 @@ def model_tflops(config: dict, frames: int, latent: int) -> dict[str, float]:
     return {"train_step": train.get_total_flops() / 1e12, "guided_unet_step": infer.get_total_flops() / 1e12}
 
 
+def cached_model_tflops(path: str | None, config: dict, frames: int, latent: int) -> dict[str, float]:
+    """`model_tflops`, read from `path` when a run of the same shape wrote it there (counting takes a while)."""
+    key = f"{config.get('block_out_channels')}-{frames}-{latent}"
+    cache = {}
+    if path and os.path.exists(path):
+        with open(path) as handle:
+            cache = json.load(handle)
+    if key not in cache:
+        cache[key] = model_tflops(config, frames, latent)
+        if path:
+            with open(path, "w") as handle:
+                json.dump(cache, handle)
+    return cache[key]
+
+
 def fake_batch(unet: torch.nn.Module, frames: int, latent: int, device: torch.device) -> LatentBatch:
     """A clip of random latents with the shapes the training stage reads from shards."""
     return LatentBatch(
@@ -164,8 +183,10 @@ def time_training(unet, trainable, options: SpeedOptions, batch: LatentBatch, ar
     for param in trainable.values():
         param.grad = None
     reset_memory(device)
-    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-6, fused=device.type == "cuda")
-    clock, times = Clock(device), []
+    clock, times, first = Clock(device), [], {}
+    # A zero learning rate keeps the weights, so every variant's steps see the same model: their first losses and
+    # gradient norms must agree to bf16 rounding.
+    optimizer = torch.optim.AdamW(trainable.values(), lr=0.0, fused=device.type == "cuda")
     try:
         for step in range(args.warmup + args.steps):
             start = clock.now()
@@ -173,17 +194,20 @@ def time_training(unet, trainable, options: SpeedOptions, batch: LatentBatch, ar
                 with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                     loss = post_tuning_loss(unet, batch, generator=torch.Generator().manual_seed(step))
                 loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            elapsed = clock.now() - start
+            if step == 0:
+                first = {"first_call_s": round(elapsed, 1), "first_loss": round(float(loss), 6),
+                         "first_grad_norm": round(float(grad_norm), 6)}
             if step >= args.warmup:
-                times.append(clock.now() - start)
+                times.append(elapsed)
     except torch.OutOfMemoryError:
         return {"error": "out of memory", "peak_gib": peak_gib(device)}
     finally:
         del optimizer
-    return {"step_s": round(statistics.median(times), 3), "peak_gib": peak_gib(device),
-            "loss": round(float(loss), 5)}
+    return {"step_s": round(statistics.median(times), 3), "peak_gib": peak_gib(device), **first}
 
 
 def full_size_pipeline(device: torch.device) -> LongVideoPipeline:
@@ -213,8 +237,12 @@ def build_pipeline(tiny: bool, frames: int, device: torch.device) -> LongVideoPi
 
 
 def time_unet_step(pipeline: LongVideoPipeline, options: SpeedOptions, image: PIL.Image.Image,
-                   params: GenerationParams, args, device) -> dict:
-    """Median time and peak memory of one guided UNet step of the pipeline with `options`."""
+                   params: GenerationParams, args, device, outputs: list[torch.Tensor]) -> dict:
+    """Median time and peak memory of one guided UNet step of the pipeline with `options`.
+
+    Every variant gets the same inputs; the first variant's output is kept in `outputs` and the others report their
+    relative difference to it (bf16 rounding: about 1e-2 between eager variants).
+    """
     pipeline.set_speed(options)
     generator = torch.Generator().manual_seed(0)
     cond = pipeline.encode_condition(image, params, generator)
@@ -228,13 +256,17 @@ def time_unet_step(pipeline: LongVideoPipeline, options: SpeedOptions, image: PI
     with torch.no_grad(), speed_context(options):
         for step in range(args.warmup + args.steps):
             start = clock.now()
-            guided_model_output(pipeline.unet, latents, timestep, cond, ramp, options.batched_guidance)
+            output = guided_model_output(pipeline.unet, latents, timestep, cond, ramp, options.batched_guidance)
             elapsed = clock.now() - start
             if step == 0:
                 compile_s = round(elapsed, 1)
             if step >= args.warmup:
                 times.append(elapsed)
-    return {"step_s": round(statistics.median(times), 3), "peak_gib": peak_gib(device), "first_call_s": compile_s}
+    if not outputs:
+        outputs.append(output.float())
+    difference = float((output.float() - outputs[0]).norm() / outputs[0].norm())
+    return {"step_s": round(statistics.median(times), 3), "peak_gib": peak_gib(device), "first_call_s": compile_s,
+            "difference_to_first": round(difference, 5)}
 
 
 def time_video(pipeline: LongVideoPipeline, options: SpeedOptions, image: PIL.Image.Image, params: GenerationParams,
@@ -291,14 +323,37 @@ def measure_variants(report: Report, part: str, variants: dict[str, SpeedOptions
         report.add(part, name, {"options": asdict(options), **with_utilisation(row, model_tflop, peak)})
 
 
-def run_training(report: Report, args, device, flops: dict, peak: float | None) -> None:
+def fastest(rows: dict[str, dict], allowed=lambda options: True) -> tuple[str, SpeedOptions]:
+    """Name and options of the fastest measured eager row whose options pass `allowed`."""
+    eager = {name: row for name, row in rows.items()
+             if "step_s" in row and not row["options"]["compile_blocks"] and allowed(SpeedOptions(**row["options"]))}
+    name = min(eager, key=lambda name: eager[name]["step_s"])
+    return name, SpeedOptions(**eager[name]["options"])
+
+
+def compile_allowed(args, started: float) -> bool:
+    if args.skip_compile or time.perf_counter() - started > args.budget_s:
+        print("compiled variants skipped (--skip-compile or over --budget-s)", flush=True)
+        return False
+    return True
+
+
+def run_training(report: Report, args, device, flops: dict, peak: float | None, started: float) -> None:
     unet = build_unet(args.tiny, device)
     trainable = prepare_for_post_tuning(unet, args.frames, "bf16" if device.type == "cuda" else "fp32", True, device,
                                         PLAIN)
     batch = fake_batch(unet, args.frames, args.size // 8, device)
-    measure_variants(report, "train", TRAIN_VARIANTS, args.train_variants,
-                     lambda options: time_training(unet, trainable, options, batch, args, device),
-                     flops["train_step"], peak, device)
+
+    def measure(options: SpeedOptions) -> dict:
+        return time_training(unet, trainable, options, batch, args, device)
+
+    measure_variants(report, "train", TRAIN_VARIANTS, args.train_variants, measure, flops["train_step"], peak, device)
+    if not compile_allowed(args, started):
+        return
+    # Selective checkpointing's policy cannot see inside compiled blocks: compile the fastest of the others.
+    best_name, best = fastest(report.data["train"], lambda options: options.checkpointing != "selective")
+    measure_variants(report, "train", {f"{best_name} +compiled blocks": replace(best, compile_blocks=True)}, None,
+                     measure, flops["train_step"], peak, device)
 
 
 def run_generation(report: Report, args, device, flops: dict, peak: float | None, started: float) -> None:
@@ -306,26 +361,26 @@ def run_generation(report: Report, args, device, flops: dict, peak: float | None
     pipeline.set_progress_bar_config(disable=True)
     params = GenerationParams(num_frames=args.frames, height=args.size, width=args.size, steps=args.video_steps)
     image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), np.uint8))
-    measure_variants(report, "unet_step", STEP_VARIANTS, args.step_variants,
-                     lambda options: time_unet_step(pipeline, options, image, params, args, device),
-                     flops["guided_unet_step"], peak, device)
-    eager = {name: row for name, row in report.data["unet_step"].items() if "step_s" in row}
-    best_name = min(eager, key=lambda name: eager[name]["step_s"])
-    best = SpeedOptions(**eager[best_name]["options"])
+    outputs: list[torch.Tensor] = []
+
+    def measure(options: SpeedOptions) -> dict:
+        return time_unet_step(pipeline, options, image, params, args, device, outputs)
+
+    measure_variants(report, "unet_step", STEP_VARIANTS, args.step_variants, measure, flops["guided_unet_step"], peak,
+                     device)
+    best_name, best = fastest(report.data["unet_step"])
     if "plain" in args.videos:
         report.add("video", "plain", {"options": asdict(PLAIN), **time_video(pipeline, PLAIN, image, params, device)})
     if "best" in args.videos:
         report.add("video", f"best eager ({best_name})",
                    {"options": asdict(best), **time_video(pipeline, best, image, params, device)})
-    if args.skip_compile or time.perf_counter() - started > args.budget_s:
-        print("compiled variants skipped (--skip-compile or over --budget-s)", flush=True)
+    if not compile_allowed(args, started):
         return
     compiled = replace(best, compile_blocks=True)
-    row = with_utilisation(time_unet_step(pipeline, compiled, image, params, args, device),
-                           flops["guided_unet_step"], peak)
-    report.add("unet_step", f"{best_name} +compiled blocks", {"options": asdict(compiled), **row})
+    measure_variants(report, "unet_step", {f"{best_name} +compiled blocks": compiled}, None, measure,
+                     flops["guided_unet_step"], peak, device)
     if "compiled" in args.videos:
-        report.add("video", "best eager +compiled blocks",
+        report.add("video", f"{best_name} +compiled blocks",
                    {"options": asdict(compiled), **time_video(pipeline, compiled, image, params, device)})
 
 
@@ -363,6 +418,7 @@ def main() -> None:
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--budget-s", type=float, default=420, help="skip compilation once the run is this old")
     parser.add_argument("--json", help="write the results here (after every measurement)")
+    parser.add_argument("--flops-cache", help="JSON file that keeps the model FLOPs between runs of one shape")
     args = parser.parse_args()
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -370,7 +426,7 @@ def main() -> None:
         raise SystemExit("full size needs a GPU: run with --tiny --frames 16 --size 64 to check the script on the CPU")
     torch.manual_seed(0)
     config = (tiny_svd_components().unet if args.tiny else build_unet(False, torch.device("meta"))).config
-    flops = model_tflops(dict(config), args.frames, args.size // 8)
+    flops = cached_model_tflops(args.flops_cache, dict(config), args.frames, args.size // 8)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     report = Report(args.json, {
@@ -380,7 +436,7 @@ def main() -> None:
     })
     peak = report.data["peak_tflops"]
     if "train" in args.parts:
-        run_training(report, args, device, flops, peak)
+        run_training(report, args, device, flops, peak, started)
     if "generate" in args.parts:
         run_generation(report, args, device, flops, peak, started)
     report.data["wall_s"] = round(time.perf_counter() - started, 1)

@@ -6,7 +6,7 @@
 Same weights and inputs for every path. Each bf16 path is compared with a float32 run of the plain path: an
 optimised path passes when its error is at most 1.5x the plain bf16 path's error plus 5e-3, i.e. it adds no error
 beyond bf16 rounding. Checked: the guided UNet output (batched guidance, channels-last convolution, each attention
-backend, compiled blocks) and the training loss and gradients (selective checkpointing, channels-last, attention).
+backend, compiled blocks) and the training loss and gradients (checkpointing policies, layouts, attention).
 Prints one table, writes JSON with --json, and exits 1 if any check fails.
 """
 
@@ -26,6 +26,11 @@ from pipelines.generate.guidance import Conditioning, guidance_ramp, guided_mode
 
 ABS_SLACK = 5e-3
 REL_SLACK = 1.5
+LAYOUT_VARIANTS = {
+    "channels-last conv": replace(PLAIN, conv_layout="channels_last"),
+    "frames-2d conv": replace(PLAIN, conv_layout="frames_2d"),
+    "unet channels-last": replace(PLAIN, unet_channels_last=True),
+}
 
 
 def selected(variants: dict, only: list[str] | None) -> dict:
@@ -65,7 +70,7 @@ def check_generation(args, device, compiled: bool) -> list[dict]:
     plain_error = relative_error(unet_output(unet, PLAIN, latents.to(dtype), cast, ramp), reference)
     variants = {
         "batched guidance": replace(PLAIN, batched_guidance=True),
-        "channels-last conv": replace(PLAIN, conv_layout="channels_last"),
+        **LAYOUT_VARIANTS,
         "cudnn autotune": replace(PLAIN, cudnn_autotune=True),
         **{f"{name} attention": replace(PLAIN, attention=name) for name in args.attention},
         "all eager switches": replace(SpeedOptions(), attention=args.attention[-1] if args.attention else "auto"),
@@ -117,7 +122,7 @@ def check_training(args, device) -> list[dict]:
     variants = {
         "selective checkpointing": replace(PLAIN, checkpointing="selective"),
         "lean checkpointing": replace(PLAIN, checkpointing="lean"),
-        "channels-last conv": replace(PLAIN, conv_layout="channels_last"),
+        **LAYOUT_VARIANTS,
         "cudnn autotune": replace(PLAIN, cudnn_autotune=True),
         **{f"{name} attention": replace(PLAIN, attention=name) for name in args.attention},
         "all switches": replace(SpeedOptions(), attention=args.attention[-1] if args.attention else "auto"),

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks in one go, as run on a lent GPU machine (see benchmarks/RESULTS.md):
-#   bash benchmarks/gpu_run.sh OUTDIR
-# Installs carried wheels from .whl/ first when the machine lacks diffusers (no registry there).
+# The GPU checks, profile and benchmarks, as run on a lent GPU machine (see benchmarks/RESULTS.md):
+#   bash benchmarks/gpu_run.sh OUTDIR [PART ...]      PART: check profile train generate (default: all four)
+# Each part runs under its own time limit (CHECK_TIMEOUT, PROFILE_TIMEOUT, TRAIN_TIMEOUT, GENERATE_TIMEOUT seconds),
+# so a part that overruns loses only itself; the benchmark writes its JSON after every measurement. Extra arguments
+# go to each script through CHECK_ARGS, PROFILE_ARGS and BENCH_ARGS. Installs carried wheels from .whl/ first when
+# the machine lacks diffusers (no registry there).
 set -uo pipefail
 out=${1:-gpu-results}
+shift || true
+parts=${*:-check profile train generate}
 mkdir -p "$out"
 if ! python3 -c "import diffusers, pydantic" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -14,7 +19,25 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
-timeout "${CHECK_TIMEOUT:-150}" python3 benchmarks/gpu_check.py --json "$out/check.json" 2>&1 | tee "$out/check.log" \
-  | grep -v -i "warn\|kept in float32"
-timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/gpu_bench.py --steps 3 --warmup 1 --budget-s "${COMPILE_AFTER_S:-250}" \
-  --json "$out/bench.json" 2>&1 | tee "$out/bench.log" | grep -v -i "warn\|kept in float32"
+
+run_part() {  # name, time limit, script and its arguments
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name ($(date -u +%H:%M:%S), limit ${limit}s)"
+  timeout "$limit" python3 "$@" 2>&1 | tee "$out/$name.log" | grep -v -i "warn\|kept in float32"
+}
+
+# The *_ARGS variables are parsed as shell words, so quoted variant names with spaces survive.
+eval "check_args=(${CHECK_ARGS:-})" "profile_args=(${PROFILE_ARGS:-})" "bench_args=(${BENCH_ARGS:-})"
+for part in $parts; do
+  case $part in
+    check) run_part check "${CHECK_TIMEOUT:-150}" benchmarks/gpu_check.py "${check_args[@]}" --json "$out/check.json" ;;
+    profile) run_part profile "${PROFILE_TIMEOUT:-150}" benchmarks/gpu_profile.py "${profile_args[@]}" \
+      --json "$out/profile.json" ;;
+    train) run_part train "${TRAIN_TIMEOUT:-300}" benchmarks/gpu_bench.py --parts train --steps 3 --warmup 1 \
+      --flops-cache /tmp/exvideo-flops.json "${bench_args[@]}" --json "$out/train.json" ;;
+    generate) run_part generate "${GENERATE_TIMEOUT:-300}" benchmarks/gpu_bench.py --parts generate --steps 3 \
+      --warmup 1 --flops-cache /tmp/exvideo-flops.json "${bench_args[@]}" --json "$out/generate.json" ;;
+    *) echo "unknown part $part (check profile train generate)"; exit 2 ;;
+  esac
+done

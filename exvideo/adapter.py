@@ -81,7 +81,8 @@ def reference_to_diffusers_name(name: str) -> str:
     """`blocks.7.ff_out.weight` -> `down_blocks.0.attentions.0.temporal_transformer_blocks.0.ff.net.2.weight`."""
     match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
     if match is None or int(match.group(1)) not in REFERENCE_BLOCKS:
-        raise KeyError(f"{name!r} is not a reference ExVideo tensor name (blocks.N.* with N in {sorted(REFERENCE_BLOCKS)})")
+        raise KeyError(f"{name!r} is not a reference ExVideo tensor name "
+                       f"(blocks.N.* with N in {sorted(REFERENCE_BLOCKS)})")
     return f"{REFERENCE_BLOCKS[int(match.group(1))]}.{_rename(match.group(2), REFERENCE_RENAMES)}"
 
 

@@ -83,7 +83,8 @@ def decode_sample(sample: dict) -> LatentClip:
     key = sample.get("__key__", "<no key>")
     missing = [f"{n}.npy" for n in ARRAYS if f"{n}.npy" not in sample] + ([] if "json" in sample else ["json"])
     if missing:
-        raise SampleFormatError(f"sample {key} lacks {missing} (has {sorted(k for k in sample if not k.startswith('__'))})")
+        present = sorted(k for k in sample if not k.startswith("__"))
+        raise SampleFormatError(f"sample {key} lacks {missing} (has {present})")
     arrays = {}
     for name in ARRAYS:
         try:

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from exvideo.unet import ExVideoTransformerSpatioTemporalModel, spatio_temporal_transformers
 
-ConvLayout = Literal["channels_last", "channels_first"]
+ConvLayout = Literal["channels_last", "channels_first", "frames_2d"]
 Attention = Literal["auto", "flash", "cudnn", "efficient", "math"]
 Checkpointing = Literal["full", "selective", "lean"]
 
@@ -41,12 +41,15 @@ class SpeedOptions:
     """Speed switches. Training reads all but compile_blocks and batched_guidance; generation all but checkpointing.
 
     The defaults are what paid on an H200 at 128 frames 512x512 (benchmarks/RESULTS.md): channels-last
-    convolution, lean checkpointing (34 GiB instead of 48.5, at about the plain path's step time) and batched guidance. cuDNN
-    autotuning and a forced attention backend measured no gain; compiled blocks made a guided step 16% faster
-    after ~110 s of compilation, so they pay only for jobs that make many videos per process.
+    convolution, lean checkpointing (34 GiB instead of 48.5, at about the plain path's step time) and batched
+    guidance. cuDNN autotuning and a forced attention backend measured no gain; compiled blocks made a guided step
+    16% faster after ~110 s of compilation, so they pay only for jobs that make many videos per process.
 
-    conv_layout: ExVideo's 3D convolution on channels-last (NDHWC) activations, the layout the tokens already have,
-        instead of permuting them to NCDHW and back around every convolution.
+    conv_layout: how ExVideo's 3D convolution runs. "channels_last": on NDHWC activations, the layout the tokens
+        already have, instead of permuting them to NCDHW and back ("channels_first"); "frames_2d": channels-last too,
+        as one 2D convolution over the frames with the three temporal taps stacked as output channels.
+    unet_channels_last: diffusers' 2D and temporal convolutions (and the norms between them) on channels-last
+        activations: the UNet's convolution weights are stored NHWC / NDHWC, and activations follow.
     attention: the scaled-dot-product-attention backend; "auto" lets PyTorch choose.
     checkpointing: what backward keeps and recomputes when gradient checkpointing is on. "full" recomputes whole
         blocks; "selective" also keeps the outputs of the expensive operations (`SAVE_MIN_FLOPS_PER_ELEMENT`):
@@ -54,11 +57,13 @@ class SpeedOptions:
         `FEED_FORWARD_CHUNKS` pieces once more: less memory, a little slower.
     cudnn_autotune: cuDNN times its algorithms for each new convolution shape and keeps the fastest (the first
         call of a shape pays for the timing).
-    compile_blocks: torch.compile diffusers' repeated blocks (regional compilation).
+    compile_blocks: torch.compile diffusers' repeated blocks (regional compilation), in generation and in training
+        with full or lean checkpointing (selective checkpointing's policy cannot see inside compiled code).
     batched_guidance: both classifier-free-guidance branches in one UNet call rather than two.
     """
 
     conv_layout: ConvLayout = "channels_last"
+    unet_channels_last: bool = False
     attention: Attention = "auto"
     checkpointing: Checkpointing = "lean"
     cudnn_autotune: bool = False
@@ -68,8 +73,8 @@ class SpeedOptions:
     @classmethod
     def plain(cls) -> SpeedOptions:
         """Every optimisation off: the baseline the benchmarks and checks compare against."""
-        return cls(conv_layout="channels_first", attention="auto", checkpointing="full", cudnn_autotune=False,
-                   compile_blocks=False, batched_guidance=False)
+        return cls(conv_layout="channels_first", unet_channels_last=False, attention="auto", checkpointing="full",
+                   cudnn_autotune=False, compile_blocks=False, batched_guidance=False)
 
 
 def attention_backend(name: Attention) -> contextlib.AbstractContextManager:
@@ -195,11 +200,25 @@ def compile_repeated_blocks(unet: nn.Module) -> int:
     return len(blocks)
 
 
+def set_unet_memory_format(unet: nn.Module, channels_last: bool) -> None:
+    """Store every convolution weight of `unet` channels-last (NHWC / NDHWC) or contiguous (NCHW / NCDHW).
+
+    cuDNN runs a convolution channels-last when its weight is, and its output keeps that layout, so the activations
+    of the whole UNet follow. Parameters keep their identity, so optimizers built on them stay valid.
+    """
+    for module in unet.modules():
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            rank_format = torch.channels_last if module.weight.dim() == 4 else torch.channels_last_3d
+            module.weight.data = module.weight.data.contiguous(
+                memory_format=rank_format if channels_last else torch.contiguous_format)
+
+
 def apply_speed(unet: nn.Module, options: SpeedOptions) -> None:
-    """Apply the module-level switches (conv layout, compilation) to `unet` in place.
+    """Apply the module-level switches (conv layout, memory format, compilation) to `unet` in place.
 
     Compilation cannot be undone: once compiled, blocks stay compiled whatever later options say.
     """
     set_conv_layout(unet, options.conv_layout)
+    set_unet_memory_format(unet, options.unet_channels_last)
     if options.compile_blocks:
         compile_repeated_blocks(unet)

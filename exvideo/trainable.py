@@ -55,9 +55,9 @@ def prepare_for_post_tuning(unet: nn.Module, num_frames: int, precision: str = "
     precision "bf16": frozen weights in bf16 (the forward runs under autocast), trainable weights and their AdamW
     state in fp32. `speed` picks the convolution layout and what checkpointing recomputes (exvideo.speed).
     """
-    if speed.compile_blocks and gradient_checkpointing:
-        raise ValueError("compile_blocks is for generation: selective checkpointing cannot see inside compiled "
-                         "blocks; train with speed.compile_blocks=false")
+    if speed.compile_blocks and gradient_checkpointing and speed.checkpointing == "selective":
+        raise ValueError("compile_blocks cannot be combined with selective checkpointing: its policy cannot see "
+                         "inside compiled blocks; use checkpointing lean or full, or compile_blocks=false")
     if mode == "all":
         trainable = dict(unet.named_parameters())
         unet.requires_grad_(True)

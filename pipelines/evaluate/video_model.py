@@ -99,7 +99,8 @@ def log_video_model(adapter: Path, svd_dir: Path, num_frames: int, bundle_base: 
     else:
         model_config = {"svd_dir": str(Path(svd_dir).resolve())}
     return mlflow.pyfunc.log_model(
-        name=name, python_model=str(Path(__file__).with_name("video_model_entry.py")), artifacts=artifacts, model_config=model_config,
+        name=name, python_model=str(Path(__file__).with_name("video_model_entry.py")), artifacts=artifacts,
+        model_config=model_config,
         signature=model_signature(num_frames),
         pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS],
     )

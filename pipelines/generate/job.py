@@ -182,7 +182,8 @@ def run_generate_job(cfg: GenerateJobConfig) -> dict:
         items = [{"id": r.id, "request": json.dumps({**asdict(r), "params": r.params.model_dump(mode="json")})}
                  for r in pending]
         results = ray.data.from_items(items).map_batches(
-            VideoMaker, fn_constructor_kwargs={"config_json": cfg.model_dump_json(), "device": "cuda" if gpus else "cpu"}, batch_size=1,
+            VideoMaker, batch_size=1,
+            fn_constructor_kwargs={"config_json": cfg.model_dump_json(), "device": "cuda" if gpus else "cpu"},
             compute=ray.data.ActorPoolStrategy(size=min(workers, len(pending))), num_gpus=gpus, num_cpus=1)
         for result in tqdm(results.iter_rows(), total=len(pending), desc="videos", unit="video"):
             if result["reason"]:

@@ -61,9 +61,10 @@ class TrainConfig(StageConfig):
     def _check(self) -> "TrainConfig":
         if self.zero_optimizer and self.num_workers < 2:
             raise ValueError("zero_optimizer shards optimizer state across workers; it needs num_workers >= 2")
-        if self.speed.compile_blocks and self.gradient_checkpointing:
-            raise ValueError("speed.compile_blocks is for generation: selective checkpointing cannot see inside "
-                             "compiled blocks; set speed.compile_blocks=false")
+        if self.speed.compile_blocks and self.gradient_checkpointing and self.speed.checkpointing == "selective":
+            raise ValueError("speed.compile_blocks cannot be combined with speed.checkpointing=selective: its "
+                             "policy cannot see inside compiled blocks; use checkpointing lean or full, or "
+                             "compile_blocks=false")
         if self.precision == "bf16" and not self.use_gpu:
             raise ValueError("precision bf16 is for GPUs; on CPU use precision=fp32")
         return self

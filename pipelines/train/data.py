@@ -38,7 +38,8 @@ def list_shards(spec: str) -> list[str]:
     else:
         shards = sorted(glob.glob(spec))
     if not shards:
-        raise FileNotFoundError(f"no shards found at {spec!r}: give a directory of .tar files, a glob or a brace pattern")
+        raise FileNotFoundError(f"no shards found at {spec!r}: give a directory of .tar files, a glob or a brace "
+                                "pattern")
     return shards
 
 

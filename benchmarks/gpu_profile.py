@@ -1,0 +1,212 @@
+"""Where the GPU time of a guided UNet step and a training step goes, by kernel kind; and ExVideo's 3D convolution
+computed by cuDNN's 3D kernels against one 2D convolution over the frames.
+
+    python benchmarks/gpu_profile.py --json gpu_profile.json           # SVD-XT shapes, random weights, one GPU
+    python benchmarks/gpu_profile.py --tiny --frames 8 --size 64       # the same code on the tiny model, CPU
+
+Both steps run the project's default `SpeedOptions` (or --options NAME=VALUE ...), one warm-up call, then one
+profiled call. Kernel time is grouped by name into matrix work (convolutions, matrix products, attention), memory
+work (norms, layout copies, elementwise) and the rest, so the share of time that runs at tensor-core rates is plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import asdict, replace
+
+import numpy as np
+import PIL.Image
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from exvideo import SpeedOptions, post_tuning_loss, prepare_for_post_tuning
+from exvideo.speed import speed_context
+from exvideo.unet import reflect_conv3d_channels_last, reflect_conv3d_frames
+from gpu_bench import Clock, build_pipeline, build_unet, fake_batch
+from pipelines.generate.guidance import guidance_ramp, guided_model_output
+from pipelines.generate.params import GenerationParams
+
+# First match wins; names are lower-cased kernel names (cuDNN, cuBLAS, PyTorch, Triton on CPU: operator names).
+KINDS = (
+    ("attention", ("flash", "fmha", "sdpa", "attention")),
+    ("layout copy", ("nchwtonhwc", "nhwctonchw", "transpose", "copy_", "cat", "permute")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit")),
+    ("matrix product", ("gemm", "cutlass", "nvjet", "addmm", "_mm", "matmul", "linear")),
+    ("norm", ("norm", "welford", "moments")),
+    ("elementwise", ("elementwise", "vectorized", "gelu", "silu", "mul", "add", "triton")),
+    ("reduction", ("reduce",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, words in KINDS:
+        if any(word in lowered for word in words):
+            return kind
+    return "other"
+
+
+def kernel_times(run, device: torch.device) -> dict:
+    """Profile one call of `run`; device time per kernel kind and the 25 most expensive kernels, in ms."""
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    per_kernel = defaultdict(float)
+    for event in prof.events():
+        if device.type == "cuda" and event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.name] += event.device_time / 1e3
+        elif device.type != "cuda":  # self time, so operators calling others are not counted twice
+            per_kernel[event.name] += event.self_cpu_time_total / 1e3
+    by_kind = defaultdict(float)
+    for name, ms in per_kernel.items():
+        by_kind[kernel_kind(name)] += ms
+    total = sum(by_kind.values())
+    top = sorted(per_kernel.items(), key=lambda item: -item[1])[:25]
+    return {"total_ms": round(total, 1),
+            "by_kind": {kind: {"ms": round(ms, 1), "share": round(ms / total, 3)}
+                        for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1])},
+            "top_kernels": [{"name": name[:160], "ms": round(ms, 2), "kind": kernel_kind(name)} for name, ms in top]}
+
+
+def profile_guided_step(args, options: SpeedOptions, device: torch.device) -> dict:
+    pipeline = build_pipeline(args.tiny, args.frames, device)
+    pipeline.set_speed(options)
+    params = GenerationParams(num_frames=args.frames, height=args.size, width=args.size)
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), np.uint8))
+    generator = torch.Generator().manual_seed(0)
+    cond = pipeline.encode_condition(image, params, generator)
+    latent = args.size // pipeline.vae_scale_factor
+    latents = torch.randn(1, args.frames, 4, latent, latent, generator=generator).to(device, pipeline.unet.dtype)
+    ramp = guidance_ramp(params.min_guidance, params.max_guidance, args.frames)
+
+    def step() -> None:
+        guided_model_output(pipeline.unet, latents, torch.tensor(1.0, device=device), cond, ramp,
+                            options.batched_guidance)
+
+    with torch.no_grad(), speed_context(options):
+        step()
+        result = kernel_times(step, device)
+    return result
+
+
+def profile_training_step(args, options: SpeedOptions, device: torch.device) -> dict:
+    unet = build_unet(args.tiny, device)
+    cuda = device.type == "cuda"
+    trainable = prepare_for_post_tuning(unet, args.frames, "bf16" if cuda else "fp32", True, device, options)
+    batch = fake_batch(unet, args.frames, args.size // 8, device)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-6, fused=cuda)
+
+    def step() -> None:
+        with speed_context(options):
+            with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
+                loss = post_tuning_loss(unet, batch, generator=torch.Generator().manual_seed(0))
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    result = kernel_times(step, device)
+    return result
+
+
+def time_call(run, device: torch.device, repeats: int = 5) -> float:
+    clock, times = Clock(device), []
+    for index in range(repeats + 2):
+        start = clock.now()
+        run()
+        if index >= 2:
+            times.append(clock.now() - start)
+    return round(statistics.median(times) * 1e3, 2)
+
+
+def conv3d_variants(args, device: torch.device) -> list[dict]:
+    """cuDNN 3D against 2D-over-frames for ExVideo's 3x3x3 convolution at each UNet level's shape (bf16).
+
+    Forward at the guided step's batch (2 x frames), forward + backward at the training batch (1 x frames).
+    """
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    levels = [(320, 1), (640, 2), (1280, 4), (1280, 8)] if not args.tiny else [(32, 1), (64, 2)]
+    latent = args.size // 8
+    rows = []
+    for channels, stride in levels:
+        conv = torch.nn.Conv3d(channels, channels, 3, device=device, dtype=dtype)
+        side = latent // stride
+        flop = 2 * 27 * channels * channels * args.frames * side * side
+        row = {"channels": channels, "latent": side, "frames": args.frames}
+        for name, conv3d in (("cudnn_3d", reflect_conv3d_channels_last), ("frames_2d", reflect_conv3d_frames)):
+            video = torch.randn(2, args.frames, side, side, channels, device=device, dtype=dtype)
+            with torch.no_grad():
+                forward_ms = time_call(lambda: conv3d(conv, video), device)
+            clip = video[:1].clone().requires_grad_()
+
+            def train() -> None:
+                conv3d(conv, clip).sum().backward()
+
+            train_ms = time_call(train, device)
+            row[name] = {"guided_forward_ms": forward_ms,
+                         "guided_forward_tflops": round(2 * flop / forward_ms / 1e9, 1),
+                         "train_forward_backward_ms": train_ms, "train_tflops": round(3 * flop / train_ms / 1e9, 1)}
+            conv.weight.grad = conv.bias.grad = None
+        rows.append(row)
+        print(f"[conv3d] {row}", flush=True)
+    return rows
+
+
+def parse_options(pairs: list[str]) -> SpeedOptions:
+    """NAME=VALUE pairs over the default options (values as JSON, or bare strings)."""
+    changes = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            changes[name] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[name] = value
+    return replace(SpeedOptions(), **changes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny random model (runs on the CPU)")
+    parser.add_argument("--frames", type=int, default=128)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--options", nargs="*", default=[], help="NAME=VALUE over the default SpeedOptions")
+    parser.add_argument("--parts", nargs="+", default=["conv3d", "step", "train"], choices=["conv3d", "step", "train"])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.tiny and device.type != "cuda":
+        raise SystemExit("full size needs a GPU: run with --tiny --frames 8 --size 64 to check the script on the CPU")
+    options = parse_options(args.options)
+    report = {"hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "frames": args.frames, "size": args.size, "options": asdict(options)}
+
+    def save() -> None:
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(report, handle, indent=1)
+
+    if "conv3d" in args.parts:
+        report["conv3d"] = conv3d_variants(args, device)
+        save()
+    for part, run in (("step", profile_guided_step), ("train", profile_training_step)):
+        if part in args.parts:
+            torch.manual_seed(0)
+            report[part] = run(args, options, device)
+            print(f"\n[{part}] {report[part]['total_ms']} ms of kernels; by kind:", flush=True)
+            for kind, row in report[part]["by_kind"].items():
+                print(f"  {kind:15s} {row['ms']:9.1f} ms  {row['share']:.1%}")
+            for kernel in report[part]["top_kernels"][:12]:
+                print(f"  {kernel['ms']:9.2f} ms  {kernel['kind']:14s} {kernel['name'][:110]}")
+            save()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
