@@ -60,16 +60,12 @@ def one_switch_at_a_time(changes: list[tuple[str, dict]], alternatives: dict[str
 # Compilation is measured last, on the fastest eager variant, because it cannot be undone on a module.
 TRAIN_VARIANTS = one_switch_at_a_time(
     [("+channels-last conv", {"conv_layout": "channels_last"}), ("+lean checkpointing", {"checkpointing": "lean"})],
-    {"+frames-2d conv": {"conv_layout": "frames_2d"}, "+unet channels-last": {"unet_channels_last": True},
-     "+unet channels-last +frames-2d conv": {"unet_channels_last": True, "conv_layout": "frames_2d"},
-     "+cudnn autotune": {"cudnn_autotune": True}, "+selective checkpointing": {"checkpointing": "selective"},
-     "+full checkpointing": {"checkpointing": "full"}},
+    {"+cudnn autotune": {"cudnn_autotune": True}, "+selective checkpointing": {"checkpointing": "selective"},
+     "+cudnn attention": {"attention": "cudnn"}},
 )
 STEP_VARIANTS = one_switch_at_a_time(
     [("+batched guidance", {"batched_guidance": True}), ("+channels-last conv", {"conv_layout": "channels_last"})],
-    {"+frames-2d conv": {"conv_layout": "frames_2d"}, "+unet channels-last": {"unet_channels_last": True},
-     "+unet channels-last +frames-2d conv": {"unet_channels_last": True, "conv_layout": "frames_2d"},
-     "+cudnn autotune": {"cudnn_autotune": True}, "+flash attention": {"attention": "flash"},
+    {"+cudnn autotune": {"cudnn_autotune": True}, "+flash attention": {"attention": "flash"},
      "+cudnn attention": {"attention": "cudnn"}},
 )
 

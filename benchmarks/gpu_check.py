@@ -6,7 +6,8 @@
 Same weights and inputs for every path. Each bf16 path is compared with a float32 run of the plain path: an
 optimised path passes when its error is at most 1.5x the plain bf16 path's error plus 5e-3, i.e. it adds no error
 beyond bf16 rounding. Checked: the guided UNet output (batched guidance, channels-last convolution, each attention
-backend, compiled blocks) and the training loss and gradients (checkpointing policies, layouts, attention).
+backend) and the training loss and gradients (checkpointing policies, channels-last convolution, attention); with
+--compile also both paths with compiled blocks.
 Prints one table, writes JSON with --json, and exits 1 if any check fails.
 """
 
@@ -26,11 +27,6 @@ from pipelines.generate.guidance import Conditioning, guidance_ramp, guided_mode
 
 ABS_SLACK = 5e-3
 REL_SLACK = 1.5
-LAYOUT_VARIANTS = {
-    "channels-last conv": replace(PLAIN, conv_layout="channels_last"),
-    "frames-2d conv": replace(PLAIN, conv_layout="frames_2d"),
-    "unet channels-last": replace(PLAIN, unet_channels_last=True),
-}
 
 
 def selected(variants: dict, only: list[str] | None) -> dict:
@@ -70,10 +66,11 @@ def check_generation(args, device, compiled: bool) -> list[dict]:
     plain_error = relative_error(unet_output(unet, PLAIN, latents.to(dtype), cast, ramp), reference)
     variants = {
         "batched guidance": replace(PLAIN, batched_guidance=True),
-        **LAYOUT_VARIANTS,
+        "channels-last conv": replace(PLAIN, conv_layout="channels_last"),
         "cudnn autotune": replace(PLAIN, cudnn_autotune=True),
         **{f"{name} attention": replace(PLAIN, attention=name) for name in args.attention},
-        "all eager switches": replace(SpeedOptions(), attention=args.attention[-1] if args.attention else "auto"),
+        "all eager switches": replace(SpeedOptions(), compile_blocks=False,
+                                      attention=args.attention[-1] if args.attention else "auto"),
     }
     if compiled:
         variants["compiled blocks"] = replace(variants["all eager switches"], compile_blocks=True)
@@ -101,7 +98,7 @@ def loss_and_grads(unet, trainable, options: SpeedOptions, batch, device, autoca
     return float(loss), torch.cat([p.grad.flatten().float() for p in trainable.values()])
 
 
-def check_training(args, device) -> list[dict]:
+def check_training(args, device, compiled: bool) -> list[dict]:
     unet = build_unet(args.tiny, device)
     trainable = prepare_for_post_tuning(unet, args.frames, "fp32", True, device, PLAIN)
     with torch.no_grad():  # leave the identity initialisation so the new modules' gradients are not special
@@ -122,11 +119,14 @@ def check_training(args, device) -> list[dict]:
     variants = {
         "selective checkpointing": replace(PLAIN, checkpointing="selective"),
         "lean checkpointing": replace(PLAIN, checkpointing="lean"),
-        **LAYOUT_VARIANTS,
+        "channels-last conv": replace(PLAIN, conv_layout="channels_last"),
         "cudnn autotune": replace(PLAIN, cudnn_autotune=True),
         **{f"{name} attention": replace(PLAIN, attention=name) for name in args.attention},
-        "all switches": replace(SpeedOptions(), attention=args.attention[-1] if args.attention else "auto"),
+        "all eager switches": replace(SpeedOptions(), compile_blocks=False,
+                                      attention=args.attention[-1] if args.attention else "auto"),
     }
+    if compiled:  # last: compilation cannot be undone
+        variants["compiled blocks"] = replace(variants["all eager switches"], compile_blocks=True)
     for name, options in selected(variants, args.only).items():
         try:
             loss, grads = loss_and_grads(unet, trainable, options, batch, device, bf16)
@@ -157,7 +157,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference must be float32
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    rows = check_training(args, device) + check_generation(args, device, args.compile)
+    rows = check_training(args, device, args.compile) + check_generation(args, device, args.compile)
     print(f"\n{'tiny' if args.tiny else 'SVD-XT'} UNet, random weights, {args.frames} frames at {args.size}x{args.size}"
           f", {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; error = relative L2 error against "
           "the plain path in float32")

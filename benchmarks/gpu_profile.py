@@ -1,19 +1,18 @@
-"""Where the GPU time of a guided UNet step and a training step goes, by kernel kind; and ExVideo's 3D convolution
-computed by cuDNN's 3D kernels against one 2D convolution over the frames.
+"""Where the GPU time of a guided UNet step and a training step goes, by kernel kind.
 
     python benchmarks/gpu_profile.py --json gpu_profile.json           # SVD-XT shapes, random weights, one GPU
     python benchmarks/gpu_profile.py --tiny --frames 8 --size 64       # the same code on the tiny model, CPU
 
-Both steps run the project's default `SpeedOptions` (or --options NAME=VALUE ...), one warm-up call, then one
-profiled call. Kernel time is grouped by name into matrix work (convolutions, matrix products, attention), memory
-work (norms, layout copies, elementwise) and the rest, so the share of time that runs at tensor-core rates is plain.
+Both steps run the project's default `SpeedOptions` without compilation (or --options NAME=VALUE ..., e.g.
+compile_blocks=true), one warm-up call, then one profiled call. Kernel time is grouped by name into matrix work
+(convolutions, matrix products, attention), memory work (norms, layout copies, elementwise) and the rest, so the
+share of time that runs at tensor-core rates is plain.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections import defaultdict
 from dataclasses import asdict, replace
 
@@ -24,8 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from exvideo import SpeedOptions, post_tuning_loss, prepare_for_post_tuning
 from exvideo.speed import speed_context
-from exvideo.unet import reflect_conv3d_channels_last, reflect_conv3d_frames
-from gpu_bench import Clock, build_pipeline, build_unet, fake_batch
+from gpu_bench import build_pipeline, build_unet, fake_batch
 from pipelines.generate.guidance import guidance_ramp, guided_model_output
 from pipelines.generate.params import GenerationParams
 
@@ -115,51 +113,8 @@ def profile_training_step(args, options: SpeedOptions, device: torch.device) -> 
     return result
 
 
-def time_call(run, device: torch.device, repeats: int = 5) -> float:
-    clock, times = Clock(device), []
-    for index in range(repeats + 2):
-        start = clock.now()
-        run()
-        if index >= 2:
-            times.append(clock.now() - start)
-    return round(statistics.median(times) * 1e3, 2)
-
-
-def conv3d_variants(args, device: torch.device) -> list[dict]:
-    """cuDNN 3D against 2D-over-frames for ExVideo's 3x3x3 convolution at each UNet level's shape (bf16).
-
-    Forward at the guided step's batch (2 x frames), forward + backward at the training batch (1 x frames).
-    """
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    levels = [(320, 1), (640, 2), (1280, 4), (1280, 8)] if not args.tiny else [(32, 1), (64, 2)]
-    latent = args.size // 8
-    rows = []
-    for channels, stride in levels:
-        conv = torch.nn.Conv3d(channels, channels, 3, device=device, dtype=dtype)
-        side = latent // stride
-        flop = 2 * 27 * channels * channels * args.frames * side * side
-        row = {"channels": channels, "latent": side, "frames": args.frames}
-        for name, conv3d in (("cudnn_3d", reflect_conv3d_channels_last), ("frames_2d", reflect_conv3d_frames)):
-            video = torch.randn(2, args.frames, side, side, channels, device=device, dtype=dtype)
-            with torch.no_grad():
-                forward_ms = time_call(lambda: conv3d(conv, video), device)
-            clip = video[:1].clone().requires_grad_()
-
-            def train() -> None:
-                conv3d(conv, clip).sum().backward()
-
-            train_ms = time_call(train, device)
-            row[name] = {"guided_forward_ms": forward_ms,
-                         "guided_forward_tflops": round(2 * flop / forward_ms / 1e9, 1),
-                         "train_forward_backward_ms": train_ms, "train_tflops": round(3 * flop / train_ms / 1e9, 1)}
-            conv.weight.grad = conv.bias.grad = None
-        rows.append(row)
-        print(f"[conv3d] {row}", flush=True)
-    return rows
-
-
 def parse_options(pairs: list[str]) -> SpeedOptions:
-    """NAME=VALUE pairs over the default options (values as JSON, or bare strings)."""
+    """NAME=VALUE pairs over the default eager options (values as JSON, or bare strings)."""
     changes = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
@@ -167,7 +122,7 @@ def parse_options(pairs: list[str]) -> SpeedOptions:
             changes[name] = json.loads(value)
         except json.JSONDecodeError:
             changes[name] = value
-    return replace(SpeedOptions(), **changes)
+    return replace(SpeedOptions(), compile_blocks=False, **changes)
 
 
 def main() -> None:
@@ -176,7 +131,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=128)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--options", nargs="*", default=[], help="NAME=VALUE over the default SpeedOptions")
-    parser.add_argument("--parts", nargs="+", default=["conv3d", "step", "train"], choices=["conv3d", "step", "train"])
+    parser.add_argument("--parts", nargs="+", default=["step", "train"], choices=["step", "train"])
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,9 +146,6 @@ def main() -> None:
             with open(args.json, "w") as handle:
                 json.dump(report, handle, indent=1)
 
-    if "conv3d" in args.parts:
-        report["conv3d"] = conv3d_variants(args, device)
-        save()
     for part, run in (("step", profile_guided_step), ("train", profile_training_step)):
         if part in args.parts:
             torch.manual_seed(0)

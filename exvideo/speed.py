@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from exvideo.unet import ExVideoTransformerSpatioTemporalModel, spatio_temporal_transformers
 
-ConvLayout = Literal["channels_last", "channels_first", "frames_2d"]
+ConvLayout = Literal["channels_last", "channels_first"]
 Attention = Literal["auto", "flash", "cudnn", "efficient", "math"]
 Checkpointing = Literal["full", "selective", "lean"]
+
+logger = logging.getLogger(__name__)
 
 # In PyTorch's default order, which is also the fallback order after the chosen backend.
 _BACKENDS = {
@@ -38,18 +41,15 @@ REPEATED_BLOCKS = ("BasicTransformerBlock", "TemporalBasicTransformerBlock", "Sp
 
 @dataclass(frozen=True)
 class SpeedOptions:
-    """Speed switches. Training reads all but compile_blocks and batched_guidance; generation all but checkpointing.
+    """Speed switches. Training reads all but batched_guidance; generation all but checkpointing.
 
     The defaults are what paid on an H200 at 128 frames 512x512 (benchmarks/RESULTS.md): channels-last
-    convolution, lean checkpointing (34 GiB instead of 48.5, at about the plain path's step time) and batched
-    guidance. cuDNN autotuning and a forced attention backend measured no gain; compiled blocks made a guided step
-    16% faster after ~110 s of compilation, so they pay only for jobs that make many videos per process.
+    convolution, lean checkpointing, batched guidance and, on a GPU, compiled blocks. Training: 2.19 s and 31.4 GiB
+    per step against the plain path's 2.87 s and 48.5 GiB; a guided step: 1.16 s against 1.57 s. cuDNN autotuning
+    and a forced attention backend measured no gain.
 
-    conv_layout: how ExVideo's 3D convolution runs. "channels_last": on NDHWC activations, the layout the tokens
-        already have, instead of permuting them to NCDHW and back ("channels_first"); "frames_2d": channels-last too,
-        as one 2D convolution over the frames with the three temporal taps stacked as output channels.
-    unet_channels_last: diffusers' 2D and temporal convolutions (and the norms between them) on channels-last
-        activations: the UNet's convolution weights are stored NHWC / NDHWC, and activations follow.
+    conv_layout: ExVideo's 3D convolution on channels-last (NDHWC) activations, the layout the tokens already have,
+        instead of permuting them to NCDHW and back around every convolution.
     attention: the scaled-dot-product-attention backend; "auto" lets PyTorch choose.
     checkpointing: what backward keeps and recomputes when gradient checkpointing is on. "full" recomputes whole
         blocks; "selective" also keeps the outputs of the expensive operations (`SAVE_MIN_FLOPS_PER_ELEMENT`):
@@ -57,24 +57,25 @@ class SpeedOptions:
         `FEED_FORWARD_CHUNKS` pieces once more: less memory, a little slower.
     cudnn_autotune: cuDNN times its algorithms for each new convolution shape and keeps the fastest (the first
         call of a shape pays for the timing).
-    compile_blocks: torch.compile diffusers' repeated blocks (regional compilation), in generation and in training
-        with full or lean checkpointing (selective checkpointing's policy cannot see inside compiled code).
+    compile_blocks: torch.compile diffusers' repeated blocks (regional compilation). "gpu": when the UNet is on a
+        CUDA device, unless it trains under selective checkpointing, whose policy cannot see inside compiled code
+        (True is refused there). The first call of each new shape waits for the compilation (at 128 frames
+        512x512: ~205 s for a training step, ~113 s for a guided step); on the CPU it would take longer than it saves.
     batched_guidance: both classifier-free-guidance branches in one UNet call rather than two.
     """
 
     conv_layout: ConvLayout = "channels_last"
-    unet_channels_last: bool = False
     attention: Attention = "auto"
     checkpointing: Checkpointing = "lean"
     cudnn_autotune: bool = False
-    compile_blocks: bool = False
+    compile_blocks: bool | Literal["gpu"] = "gpu"
     batched_guidance: bool = True
 
     @classmethod
     def plain(cls) -> SpeedOptions:
         """Every optimisation off: the baseline the benchmarks and checks compare against."""
-        return cls(conv_layout="channels_first", unet_channels_last=False, attention="auto", checkpointing="full",
-                   cudnn_autotune=False, compile_blocks=False, batched_guidance=False)
+        return cls(conv_layout="channels_first", attention="auto", checkpointing="full", cudnn_autotune=False,
+                   compile_blocks=False, batched_guidance=False)
 
 
 def attention_backend(name: Attention) -> contextlib.AbstractContextManager:
@@ -193,6 +194,8 @@ def compile_repeated_blocks(unet: nn.Module) -> int:
     first recompilation dynamo makes the changing sizes symbolic and one graph serves the rest of that class.
     """
     blocks = [m for m in unet.modules() if type(m).__name__ in REPEATED_BLOCKS]
+    logger.warning("compiling %d UNet blocks with torch.compile: the first call of each new shape waits for it "
+                   "(minutes at full size); speed.compile_blocks=false skips it", len(blocks))
     # Every up/down level gives a block class new shapes; let it recompile rather than silently fall back to eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in blocks:
@@ -200,25 +203,22 @@ def compile_repeated_blocks(unet: nn.Module) -> int:
     return len(blocks)
 
 
-def set_unet_memory_format(unet: nn.Module, channels_last: bool) -> None:
-    """Store every convolution weight of `unet` channels-last (NHWC / NDHWC) or contiguous (NCHW / NCDHW).
-
-    cuDNN runs a convolution channels-last when its weight is, and its output keeps that layout, so the activations
-    of the whole UNet follow. Parameters keep their identity, so optimizers built on them stay valid.
-    """
-    for module in unet.modules():
-        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
-            rank_format = torch.channels_last if module.weight.dim() == 4 else torch.channels_last_3d
-            module.weight.data = module.weight.data.contiguous(
-                memory_format=rank_format if channels_last else torch.contiguous_format)
+def compiles_blocks(unet: nn.Module, options: SpeedOptions) -> bool:
+    """Whether `options` compile the blocks of `unet` as it is now (its device, its checkpointing)."""
+    selective = options.checkpointing == "selective" and getattr(unet, "is_gradient_checkpointing", False)
+    if options.compile_blocks is True and selective:
+        raise ValueError("compile_blocks cannot be combined with selective checkpointing: its policy cannot see "
+                         "inside compiled blocks; use checkpointing lean or full, or compile_blocks false or gpu")
+    if options.compile_blocks == "gpu":
+        return not selective and next(unet.parameters()).device.type == "cuda"
+    return options.compile_blocks
 
 
 def apply_speed(unet: nn.Module, options: SpeedOptions) -> None:
-    """Apply the module-level switches (conv layout, memory format, compilation) to `unet` in place.
+    """Apply the module-level switches (conv layout, compilation) to `unet` in place.
 
     Compilation cannot be undone: once compiled, blocks stay compiled whatever later options say.
     """
     set_conv_layout(unet, options.conv_layout)
-    set_unet_memory_format(unet, options.unet_channels_last)
-    if options.compile_blocks:
+    if compiles_blocks(unet, options):
         compile_repeated_blocks(unet)

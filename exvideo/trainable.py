@@ -53,11 +53,9 @@ def prepare_for_post_tuning(unet: nn.Module, num_frames: int, precision: str = "
     `base_frames`: the clip length the base was trained on, for the cyclic position table (`extend_unet`).
 
     precision "bf16": frozen weights in bf16 (the forward runs under autocast), trainable weights and their AdamW
-    state in fp32. `speed` picks the convolution layout and what checkpointing recomputes (exvideo.speed).
+    state in fp32. `speed` picks the convolution layout, what checkpointing recomputes and whether blocks compile
+    (exvideo.speed); it refuses compile_blocks=True with selective checkpointing.
     """
-    if speed.compile_blocks and gradient_checkpointing and speed.checkpointing == "selective":
-        raise ValueError("compile_blocks cannot be combined with selective checkpointing: its policy cannot see "
-                         "inside compiled blocks; use checkpointing lean or full, or compile_blocks=false")
     if mode == "all":
         trainable = dict(unet.named_parameters())
         unet.requires_grad_(True)
@@ -70,6 +68,6 @@ def prepare_for_post_tuning(unet: nn.Module, num_frames: int, precision: str = "
             param.data = param.data.float()
     if gradient_checkpointing:
         enable_checkpointing(unet, speed.checkpointing)
-    apply_speed(unet, speed)
     unet.train().to(device)
+    apply_speed(unet, speed)  # on the device: compile_blocks "gpu" compiles only on a GPU
     return trainable

@@ -83,46 +83,19 @@ def reflect_conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     return F.conv3d(x, conv.weight, conv.bias)
 
 
-def _reflect_pad_channels_last(video: torch.Tensor) -> torch.Tensor:
-    """Pad `[B, T, H, W, C]` by 1 on T, H and W: reflect (index 1 and n-2), or replicate a dimension of size 1."""
-    for dim in (1, 2, 3):
-        size = video.shape[dim]
-        inner = 1 if size > 1 else 0
-        video = torch.cat([video.narrow(dim, inner, 1), video, video.narrow(dim, size - 1 - inner, 1)], dim)
-    return video
-
-
 def reflect_conv3d_channels_last(conv: nn.Conv3d, video: torch.Tensor) -> torch.Tensor:
     """`reflect_conv3d` on channels-last activations `[B, T, H, W, C]`, returning the same layout.
 
     The tokens already lie in this order, so no permuted copy is made on the way in or out, and cuDNN runs its
-    NDHWC kernels.
+    NDHWC kernels. Padding by concatenation reflects (index 1 and n-2) or, for a dimension of size 1, replicates.
     """
-    video = _reflect_pad_channels_last(video)
+    for dim in (1, 2, 3):
+        size = video.shape[dim]
+        inner = 1 if size > 1 else 0
+        video = torch.cat([video.narrow(dim, inner, 1), video, video.narrow(dim, size - 1 - inner, 1)], dim)
     weight = conv.weight.contiguous(memory_format=torch.channels_last_3d)
     out = F.conv3d(video.permute(0, 4, 1, 2, 3), weight, conv.bias)
     return out.permute(0, 2, 3, 4, 1)
-
-
-def reflect_conv3d_frames(conv: nn.Conv3d, video: torch.Tensor) -> torch.Tensor:
-    """`reflect_conv3d_channels_last` computed with one 2D convolution over the padded frames.
-
-    The 3x3x3 kernel is three 3x3 kernels, one per temporal tap; stacked as output channels they make one 2D
-    convolution of every padded frame, and frame t's result sums tap k's output of padded frame t + k. cuDNN's 2D
-    kernels are its most tuned, and the input is read once, in place.
-    """
-    batch, frames, height, width, channels = video.shape
-    padded = _reflect_pad_channels_last(video)
-    out_channels = conv.out_channels
-    # [C_out, C_in, 3(t), 3, 3] -> [3 * C_out, C_in, 3, 3], tap-major.
-    taps = conv.weight.transpose(1, 2).transpose(0, 1).reshape(3 * out_channels, -1, 3, 3)
-    bias = None
-    if conv.bias is not None:
-        bias = torch.cat([torch.zeros_like(conv.bias), conv.bias, torch.zeros_like(conv.bias)])
-    planes = padded.flatten(0, 1).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
-    per_tap = F.conv2d(planes, taps.contiguous(memory_format=torch.channels_last), bias)
-    per_tap = per_tap.permute(0, 2, 3, 1).reshape(batch, frames + 2, height, width, 3, out_channels)
-    return (per_tap[:, 0:frames, :, :, 0] + per_tap[:, 1:frames + 1, :, :, 1]) + per_tap[:, 2:frames + 2, :, :, 2]
 
 
 class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
@@ -133,7 +106,7 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
     """
 
     time_proj: FramePositionTable
-    # How the 3D convolution runs (exvideo.speed.set_conv_layout); every choice computes the same function.
+    # Memory layout of the 3D convolution (exvideo.speed.set_conv_layout); both compute the same function.
     conv_layout: str = "channels_last"
     # How forward is cut into checkpointed units (exvideo.speed.enable_checkpointing): "blocks" or "lean".
     checkpoint_units: str = "blocks"
@@ -154,8 +127,6 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
         video = mix.reshape(batch_size, num_frames, height, width, channels)
         if self.conv_layout == "channels_last":
             video = reflect_conv3d_channels_last(temporal_block.positional_conv, video)
-        elif self.conv_layout == "frames_2d":
-            video = reflect_conv3d_frames(temporal_block.positional_conv, video)
         else:  # [B, T, H, W, C] -> [B, C, T, H, W] for the convolution, then back
             video = reflect_conv3d(temporal_block.positional_conv, video.permute(0, 4, 1, 2, 3))
             video = video.permute(0, 2, 3, 4, 1)
@@ -243,8 +214,7 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
 
         hidden_states = self.proj_out(hidden_states)
         hidden_states = hidden_states.reshape(batch_frames, height, width, inner_dim).permute(0, 3, 1, 2)
-        # The residual first: the sum takes its memory layout (NCHW, or NHWC when the UNet runs channels-last).
-        output = residual + hidden_states
+        output = hidden_states.contiguous() + residual
         if not return_dict:
             return (output,)
         return TransformerTemporalModelOutput(sample=output)

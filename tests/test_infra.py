@@ -58,6 +58,19 @@ def test_entrypoints_name_existing_commands_and_a_valid_mounted_spec():
         assert spec.stages == ["preprocess", "train", "generate", "evaluate"] and spec.train["use_gpu"] is True
 
 
+def test_gpu_workers_share_compiled_kernels_on_the_shared_volume():
+    objects = manifests()
+    (workers,) = one(objects, "RayCluster")["spec"]["workerGroupSpecs"]
+    container = workers["template"]["spec"]["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in workers["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    cache = Path({e["name"]: e["value"] for e in container["env"]}["TORCHINDUCTOR_CACHE_DIR"])
+    shared = [name for name, path in mounts.items() if cache.is_relative_to(path)]
+    assert shared and claims[shared[0]] == "exvideo-data"
+    assert objects["PersistentVolumeClaim/exvideo-data"]["spec"]["accessModes"] == ["ReadWriteMany"]  # one cache
+
+
 def test_dockerfile_installs_the_project_on_a_cuda_base():
     text = (INFRA / "Dockerfile").read_text()
     assert text.startswith("#") and "FROM nvidia/cuda:" in text

@@ -61,10 +61,11 @@ class TrainConfig(StageConfig):
     def _check(self) -> "TrainConfig":
         if self.zero_optimizer and self.num_workers < 2:
             raise ValueError("zero_optimizer shards optimizer state across workers; it needs num_workers >= 2")
-        if self.speed.compile_blocks and self.gradient_checkpointing and self.speed.checkpointing == "selective":
-            raise ValueError("speed.compile_blocks cannot be combined with speed.checkpointing=selective: its "
+        selective = self.gradient_checkpointing and self.speed.checkpointing == "selective"
+        if self.speed.compile_blocks is True and selective:
+            raise ValueError("speed.compile_blocks=true cannot be combined with speed.checkpointing=selective: its "
                              "policy cannot see inside compiled blocks; use checkpointing lean or full, or "
-                             "compile_blocks=false")
+                             "compile_blocks false or gpu")
         if self.precision == "bf16" and not self.use_gpu:
             raise ValueError("precision bf16 is for GPUs; on CPU use precision=fp32")
         return self
