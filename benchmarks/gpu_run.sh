@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks, profile and benchmarks, as run on a lent GPU machine (see benchmarks/RESULTS.md):
-#   bash benchmarks/gpu_run.sh OUTDIR [PART ...]      PART: check profile train generate (default: all four)
-# Each part runs under its own time limit (CHECK_TIMEOUT, PROFILE_TIMEOUT, TRAIN_TIMEOUT, GENERATE_TIMEOUT seconds),
+#   bash benchmarks/gpu_run.sh OUTDIR [PART ...]      PART: check profile train generate cache (default: the first 4)
+# Each part runs under its own time limit (CHECK_, PROFILE_, TRAIN_, GENERATE_, CACHE_TIMEOUT in seconds),
 # so a part that overruns loses only itself; the benchmark writes its JSON after every measurement. Extra arguments
 # go to each script through CHECK_ARGS, PROFILE_ARGS and BENCH_ARGS. Installs carried wheels from .whl/ first when
 # the machine lacks diffusers (no registry there).
 set -uo pipefail
 out=${1:-gpu-results}
 shift || true
-parts=${*:-check profile train generate}
+parts=${*:-check profile train generate}  # cache: two more full compilations, ~6 minutes
 mkdir -p "$out"
 if ! python3 -c "import diffusers, pydantic" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -38,6 +38,7 @@ for part in $parts; do
       --flops-cache /tmp/exvideo-flops.json "${bench_args[@]}" --json "$out/train.json" ;;
     generate) run_part generate "${GENERATE_TIMEOUT:-300}" benchmarks/gpu_bench.py --parts generate --steps 3 \
       --warmup 1 --flops-cache /tmp/exvideo-flops.json "${bench_args[@]}" --json "$out/generate.json" ;;
-    *) echo "unknown part $part (check profile train generate)"; exit 2 ;;
+    cache) run_part compile_cache "${CACHE_TIMEOUT:-450}" benchmarks/compile_cache.py --part train ;;
+    *) echo "unknown part $part (check profile train generate cache)"; exit 2 ;;
   esac
 done
