@@ -220,7 +220,9 @@ def full_size_pipeline(device: torch.device) -> LongVideoPipeline:
                              feature_extractor=CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}))
 
 
-def build_pipeline(tiny: bool, frames: int, device: torch.device) -> LongVideoPipeline:
+def build_pipeline(tiny: bool, frames: int, device: torch.device, dtype: torch.dtype | None = None
+                   ) -> LongVideoPipeline:
+    """The pipeline with an extended, frozen UNet, in `dtype` (default: bf16 on a GPU, float32 on the CPU)."""
     if tiny:
         svd = tiny_svd_components()
         pipeline = LongVideoPipeline(vae=svd.vae, image_encoder=svd.image_encoder, unet=svd.unet,
@@ -229,7 +231,7 @@ def build_pipeline(tiny: bool, frames: int, device: torch.device) -> LongVideoPi
         pipeline = full_size_pipeline(device)
     extend_unet(pipeline.unet, frames)
     pipeline.unet.requires_grad_(False)
-    return pipeline.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return pipeline.to(device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
 
 
 def time_unet_step(pipeline: LongVideoPipeline, options: SpeedOptions, image: PIL.Image.Image,

@@ -49,7 +49,7 @@ def unet_output(unet, options: SpeedOptions, latents, cond: Conditioning, ramp) 
 
 
 def check_generation(args, device, compiled: bool) -> list[dict]:
-    pipeline = build_pipeline(args.tiny, args.frames, device)
+    pipeline = build_pipeline(args.tiny, args.frames, device, torch.bfloat16 if args.bf16 else None)
     unet, dtype = pipeline.unet, pipeline.unet.dtype
     generator = torch.Generator().manual_seed(1)
     latent = args.size // 8
@@ -107,7 +107,7 @@ def check_training(args, device, compiled: bool) -> list[dict]:
             param.add_(1e-3 * torch.randn(param.shape, generator=generator).to(device))
     batch = fake_batch(unet, args.frames, args.size // 8, device)
     ref_loss, ref_grads = loss_and_grads(unet, trainable, PLAIN, batch, device, autocast=False)
-    bf16 = device.type == "cuda"
+    bf16 = device.type == "cuda" or args.bf16
     if bf16:  # the training path's precision: frozen weights bf16, trainable fp32, autocast
         frozen = [p for p in unet.parameters() if not p.requires_grad]
         for param in frozen:
@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--attention", nargs="*", default=None, help="backends to check (default: flash cudnn on "
                         "a GPU, math on the CPU)")
     parser.add_argument("--compile", action="store_true", help="also check compiled blocks (slow to compile)")
+    parser.add_argument("--bf16", action="store_true", help="the bf16 paths on the CPU too (a GPU always runs them)")
     parser.add_argument("--only", nargs="*", help="check only variants whose names contain one of these words")
     parser.add_argument("--json")
     args = parser.parse_args()
