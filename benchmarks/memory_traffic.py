@@ -1,14 +1,20 @@
-"""Bytes the guided UNet step moves through memory-bound operators, inside and outside the compiled blocks.
+"""Bytes the UNet moves through memory-bound operators, and the least any fusion around the matrix kernels must move.
 
-    python benchmarks/memory_traffic.py                  # SVD-XT shapes, 128 frames 512x512, fake tensors (CPU)
-    python benchmarks/memory_traffic.py --frames 32
+    python benchmarks/memory_traffic.py                         # guided step, SVD-XT shapes, 128 frames 512x512
+    python benchmarks/memory_traffic.py --part train            # training step (lean checkpointing, backward)
 
-Counted on fake tensors, so it runs on any machine in seconds: for every aten operator of one guided UNet call
-(both guidance branches, bf16), the bytes of its tensor inputs and outputs, split by whether the operator runs
-inside one of the repeated blocks that `speed.compile_blocks` compiles, and whether it is matrix work
-(convolution, matrix product, attention) or memory-bound (norms, elementwise, copies). Views move nothing and are
-not counted. Memory-bound bytes outside the blocks bound what compiling larger regions could still fuse away:
-divided by the card's bandwidth, they give an upper bound on the time at stake.
+Counted on fake tensors, so it runs on any machine in seconds. For every aten operator of one call in bf16, it
+takes the bytes of the operator's tensor inputs and outputs, and splits them two ways:
+  - matrix work (convolutions, matrix products, attention, and their backward) or memory-bound work (norms,
+    elementwise, copies, casts);
+  - for the guided step, inside or outside the repeated blocks that `speed.compile_blocks` compiles (not for
+    training, whose backward runs outside any module's forward).
+Views move nothing and are not counted.
+
+The floor: cuDNN and cuBLAS kernels are opaque to the compiler, so even perfect fusion of everything between them
+must write each matrix kernel's activation inputs once and read each output once (about the matrix bytes; weights
+are a few GB of them), and group norm reads its input once more for its statistics. Divided by a card's memory
+bandwidth, the floor bounds the memory-bound time from below; the matrix kernels' own time comes on top.
 """
 
 from __future__ import annotations
@@ -23,69 +29,117 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from exvideo import extend_unet
-from exvideo.speed import REPEATED_BLOCKS
+from exvideo import LatentBatch, added_time_ids, extend_unet, freeze_for_post_tuning, post_tuning_loss
+from exvideo.speed import REPEATED_BLOCKS, enable_checkpointing
 
 aten = torch.ops.aten
 MATRIX_OPS = {
-    aten.convolution.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+    aten.convolution.default, aten.convolution_backward.default, aten.mm.default, aten.addmm.default,
+    aten.bmm.default, aten.baddbmm.default,
     aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
 }
-BF16_BYTES = 2
+GROUP_NORM_OPS = {aten.native_group_norm.default, aten.native_group_norm_backward.default}
 ALIASING_OPS = {aten._unsafe_view.default}  # views not registered as such: they move nothing either
+# Memory bandwidth in TB/s, as specified by the vendor.
+BANDWIDTH = {"H100 SXM": 3.35, "H200": 4.8}
 
 
-def tensor_elements(tree) -> int:
-    return sum(t.numel() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+def tensor_bytes(tree) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
 
 
 class TrafficCounter(TorchDispatchMode):
-    """Bytes of every non-view operator, by (inside compiled blocks?, matrix or memory-bound) and by operator."""
+    """Bytes of every non-view operator, by (inside compiled blocks?, kind), plus the fused floor's terms."""
 
     def __init__(self):
         super().__init__()
         self.block_depth = 0
         self.bytes = collections.Counter()
         self.outside_by_op = collections.Counter()
+        self.group_norm_inputs = 0
+        self.tracking = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func.is_view or func in ALIASING_OPS or func.namespace == "prim":
             return out
-        moved = BF16_BYTES * (tensor_elements(args) + tensor_elements(kwargs) + tensor_elements(out))
-        where = "inside blocks" if self.block_depth else "outside blocks"
+        moved = tensor_bytes(args) + tensor_bytes(kwargs) + tensor_bytes(out)
+        where = "inside blocks" if self.block_depth else "outside blocks" if self.tracking else "all"
         kind = "matrix" if func in MATRIX_OPS else "memory-bound"
         self.bytes[(where, kind)] += moved
         if where == "outside blocks" and kind == "memory-bound":
             self.outside_by_op[str(func)] += moved
+        if func in GROUP_NORM_OPS:
+            self.group_norm_inputs += tensor_bytes(args[0])
         return out
 
-
-def count(frames: int, size: int) -> dict:
-    counter = TrafficCounter()
-    # Build and run in float32 on fake tensors (a bf16 cast of fake parameters is refused) and count bf16 bytes.
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        unet = extend_unet(UNetSpatioTemporalConditionModel(), frames).requires_grad_(False)
+    def track_blocks(self, unet: torch.nn.Module) -> None:
+        """Count operators inside the repeated blocks of `unet` apart from the others."""
+        self.tracking = True
         for block in (m for m in unet.modules() if type(m).__name__ in REPEATED_BLOCKS):
-            block.register_forward_pre_hook(lambda *_: setattr(counter, "block_depth", counter.block_depth + 1))
-            block.register_forward_hook(lambda *_: setattr(counter, "block_depth", counter.block_depth - 1))
-        latent = size // 8
-        with torch.no_grad(), counter:
-            unet(torch.randn(2, frames, 8, latent, latent), torch.ones(1),
-                 encoder_hidden_states=torch.randn(2, 1, unet.config.cross_attention_dim),
-                 added_time_ids=torch.randn(2, 3), return_dict=False)
+            block.register_forward_pre_hook(lambda *_: setattr(self, "block_depth", self.block_depth + 1))
+            block.register_forward_hook(lambda *_: setattr(self, "block_depth", self.block_depth - 1))
+
+
+def bf16_unet(frames: int) -> UNetSpatioTemporalConditionModel:
+    """SVD-XT's UNet, extended, built in bf16 on fake tensors (a bf16 cast of fake parameters is refused)."""
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        unet = UNetSpatioTemporalConditionModel()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return extend_unet(unet, frames)
+
+
+def guided_step(counter: TrafficCounter, frames: int, latent: int) -> None:
+    unet = bf16_unet(frames).requires_grad_(False)
+    counter.track_blocks(unet)
+    dtype = torch.bfloat16
+    with torch.no_grad(), counter:
+        unet(torch.randn(2, frames, 8, latent, latent, dtype=dtype), torch.ones(1),
+             encoder_hidden_states=torch.randn(2, 1, unet.config.cross_attention_dim, dtype=dtype),
+             added_time_ids=torch.randn(2, 3, dtype=dtype), return_dict=False)
+
+
+def training_step(counter: TrafficCounter, frames: int, latent: int) -> None:
+    """Forward and backward as the training path runs them: trainable weights fp32, autocast, lean checkpointing."""
+    unet = bf16_unet(frames)
+    for param in freeze_for_post_tuning(unet).values():
+        param.data = param.data.float()
+    enable_checkpointing(unet, "lean")
+    batch = LatentBatch(torch.randn(1, frames, 4, latent, latent), torch.randn(1, 4, latent, latent),
+                        torch.randn(1, 1, unet.config.cross_attention_dim), added_time_ids(30, 127))
+    with counter:
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = post_tuning_loss(unet.train(), batch, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+
+
+def count(frames: int, size: int, part: str = "guided") -> dict:
+    counter = TrafficCounter()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        (training_step if part == "train" else guided_step)(counter, frames, size // 8)
     gigabytes = {f"{where}, {kind}": round(moved / 1e9, 1) for (where, kind), moved in sorted(counter.bytes.items())}
-    top = {op: round(moved / 1e9, 1) for op, moved in counter.outside_by_op.most_common(8)}
-    return {"frames": frames, "size": size, "gb_per_guided_step": gigabytes, "outside_blocks_memory_bound_by_op": top}
+    matrix = sum(moved for (_, kind), moved in counter.bytes.items() if kind == "matrix")
+    floor = matrix + counter.group_norm_inputs
+    return {
+        "part": part, "frames": frames, "size": size, "gb": gigabytes,
+        "outside_blocks_memory_bound_by_op": {op: round(moved / 1e9, 1)
+                                              for op, moved in counter.outside_by_op.most_common(6)},
+        "fused_floor_gb": round(floor / 1e9, 1),
+        "fused_floor_ms": {card: round(floor / (tbs * 1e12) * 1e3) for card, tbs in BANDWIDTH.items()},
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=128)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--part", choices=["guided", "train"], default="guided")
     args = parser.parse_args()
-    print(json.dumps(count(args.frames, args.size), indent=1))
+    print(json.dumps(count(args.frames, args.size, args.part), indent=1))
 
 
 if __name__ == "__main__":

@@ -285,9 +285,12 @@ def test_memory_traffic_splits_the_guided_step_at_the_compiled_blocks():
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     from memory_traffic import count
 
-    small, large = (count(frames, size=256)["gb_per_guided_step"] for frames in (16, 32))
+    small, large = (count(frames, size=256)["gb"] for frames in (16, 32))
     # Most memory-bound work sits in the blocks compile_blocks compiles; the rest (padding, mixers, norms of the
     # wrappers) is what compiling larger regions could still fuse. Activations grow with the clip; weights do not.
     assert small["inside blocks, memory-bound"] > 2 * small["outside blocks, memory-bound"] > 0
     assert large["inside blocks, memory-bound"] == pytest.approx(2 * small["inside blocks, memory-bound"], rel=0.02)
     assert 1.5 * small["inside blocks, matrix"] < large["inside blocks, matrix"] < 2 * small["inside blocks, matrix"]
+    # The fused floor: at least every matrix kernel's bytes, at most everything.
+    floor = count(16, size=256)["fused_floor_gb"]
+    assert small["inside blocks, matrix"] + small["outside blocks, matrix"] <= floor < sum(small.values())
