@@ -42,12 +42,15 @@ MATRIX_OPS = {
 }
 GROUP_NORM_OPS = {aten.native_group_norm.default, aten.native_group_norm_backward.default}
 ALIASING_OPS = {aten._unsafe_view.default}  # views not registered as such: they move nothing either
+ALLOCATING_OPS = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default}  # nothing written
 # Memory bandwidth in TB/s, as specified by the vendor.
 BANDWIDTH = {"H100 SXM": 3.35, "H200": 4.8}
 
 
-def tensor_bytes(tree) -> int:
-    return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+def tensor_bytes(*trees) -> int:
+    """Bytes of the distinct tensors in `trees` (an in-place operator's output is its input: counted once)."""
+    tensors = {id(t): t for t in tree_leaves(trees) if isinstance(t, torch.Tensor)}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 class TrafficCounter(TorchDispatchMode):
@@ -63,9 +66,9 @@ class TrafficCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.is_view or func in ALIASING_OPS or func.namespace == "prim":
+        if func.is_view or func in ALIASING_OPS or func in ALLOCATING_OPS or func.namespace == "prim":
             return out
-        moved = tensor_bytes(args) + tensor_bytes(kwargs) + tensor_bytes(out)
+        moved = tensor_bytes(args, kwargs, out)
         where = "inside blocks" if self.block_depth else "outside blocks" if self.tracking else "all"
         kind = "matrix" if func in MATRIX_OPS else "memory-bound"
         self.bytes[(where, kind)] += moved

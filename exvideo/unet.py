@@ -87,15 +87,64 @@ def reflect_conv3d_channels_last(conv: nn.Conv3d, video: torch.Tensor) -> torch.
     """`reflect_conv3d` on channels-last activations `[B, T, H, W, C]`, returning the same layout.
 
     The tokens already lie in this order, so no permuted copy is made on the way in or out, and cuDNN runs its
-    NDHWC kernels. Padding by concatenation reflects (index 1 and n-2) or, for a dimension of size 1, replicates.
+    NDHWC kernels.
     """
-    for dim in (1, 2, 3):
-        size = video.shape[dim]
-        inner = 1 if size > 1 else 0
-        video = torch.cat([video.narrow(dim, inner, 1), video, video.narrow(dim, size - 1 - inner, 1)], dim)
     weight = conv.weight.contiguous(memory_format=torch.channels_last_3d)
-    out = F.conv3d(video.permute(0, 4, 1, 2, 3), weight, conv.bias)
+    out = F.conv3d(reflect_pad_channels_last(video).permute(0, 4, 1, 2, 3), weight, conv.bias)
     return out.permute(0, 2, 3, 4, 1)
+
+
+def reflect_pad_channels_last(video: torch.Tensor) -> torch.Tensor:
+    """Pad `[B, T, H, W, C]` by 1 on T, H and W: reflect (index 1 and n-2), or replicate a dimension of size 1.
+
+    One copy of the video into a padded buffer plus thin copies of its faces, where concatenating once per
+    dimension would copy the whole video three times forward and more in backward; this runs outside the compiled
+    blocks (benchmarks/memory_traffic.py).
+    """
+    return _ReflectPadChannelsLast.apply(video)
+
+
+def _mirror_sources(size: int) -> tuple[int, int]:
+    """Padded indices the two pads of a dimension copy: original 1 and n-2 (reflect), or 0 for a size of 1."""
+    inner = int(size > 1)
+    return 1 + inner, size - inner
+
+
+class _ReflectPadChannelsLast(torch.autograd.Function):
+    """Faces are copied W first, then H and T over the already padded ones, so the corners come out right;
+    backward folds the faces' gradients back in the reverse order."""
+
+    @staticmethod
+    def forward(ctx, video: torch.Tensor) -> torch.Tensor:
+        batch, frames, height, width, channels = video.shape
+        ctx.sizes = frames, height, width
+        padded = video.new_empty(batch, frames + 2, height + 2, width + 2, channels)
+        padded[:, 1:-1, 1:-1, 1:-1] = video
+        first, last = _mirror_sources(width)
+        padded[:, 1:-1, 1:-1, 0] = padded[:, 1:-1, 1:-1, first]
+        padded[:, 1:-1, 1:-1, -1] = padded[:, 1:-1, 1:-1, last]
+        first, last = _mirror_sources(height)
+        padded[:, 1:-1, 0] = padded[:, 1:-1, first]
+        padded[:, 1:-1, -1] = padded[:, 1:-1, last]
+        first, last = _mirror_sources(frames)
+        padded[:, 0] = padded[:, first]
+        padded[:, -1] = padded[:, last]
+        return padded
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        frames, height, width = ctx.sizes
+        grad = grad.clone()
+        first, last = _mirror_sources(frames)
+        grad[:, first] += grad[:, 0]
+        grad[:, last] += grad[:, -1]
+        first, last = _mirror_sources(height)
+        grad[:, 1:-1, first] += grad[:, 1:-1, 0]
+        grad[:, 1:-1, last] += grad[:, 1:-1, -1]
+        first, last = _mirror_sources(width)
+        grad[:, 1:-1, 1:-1, first] += grad[:, 1:-1, 1:-1, 0]
+        grad[:, 1:-1, 1:-1, last] += grad[:, 1:-1, 1:-1, -1]
+        return grad[:, 1:-1, 1:-1, 1:-1]
 
 
 class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
@@ -214,7 +263,8 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
 
         hidden_states = self.proj_out(hidden_states)
         hidden_states = hidden_states.reshape(batch_frames, height, width, inner_dim).permute(0, 3, 1, 2)
-        output = hidden_states.contiguous() + residual
+        # The residual first: the sum comes out in its NCHW layout in one pass, without a contiguous copy before it.
+        output = residual + hidden_states
         if not return_dict:
             return (output,)
         return TransformerTemporalModelOutput(sample=output)

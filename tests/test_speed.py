@@ -36,6 +36,19 @@ def test_channels_last_conv_equals_the_permuted_one_at_every_size(shape):
     torch.testing.assert_close(reflect_conv3d_channels_last(conv, video), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3, 6), (1, 1, 1, 1, 6), (1, 3, 1, 4, 6)])
+def test_channels_last_conv_has_the_permuted_ones_gradients(shape):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(6, 6, 3).double()
+    video = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(shape, dtype=torch.float64)
+    inputs = [video, conv.weight, conv.bias]
+    permuted = reflect_conv3d(conv, video.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+    expected = torch.autograd.grad(permuted, inputs, grad_out)
+    for mine, theirs in zip(torch.autograd.grad(reflect_conv3d_channels_last(conv, video), inputs, grad_out), expected):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
+
+
 def _perturbed_extended(tiny_unet, frames: int = 32):
     """An extended UNet moved off the identity initialisation, so the 3D convolutions really mix."""
     unet = extend_unet(tiny_unet, frames)
