@@ -123,7 +123,7 @@ def test_checkpointing_policies_give_the_same_loss_and_gradients(no_checkpointin
 
 @pytest.mark.parametrize("options, checkpointing", [
     (replace(PLAIN, conv_layout="channels_last"), False), (replace(PLAIN, checkpointing="lean"), True),
-    (SpeedOptions(), True),
+    (SpeedOptions(), True), (SpeedOptions(checkpointing="selective"), True),
 ])
 def test_switches_give_the_same_gradients_in_float64(options, checkpointing):
     """Exact up to float64 rounding: the tiny random model's float32 gradients move by percents with the mere
