@@ -198,6 +198,10 @@ def compile_repeated_blocks(unet: nn.Module) -> int:
                    "(minutes at full size); speed.compile_blocks=false skips it", len(blocks))
     # Every up/down level gives a block class new shapes; let it recompile rather than silently fall back to eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # Under DDP (training on several workers) dynamo would split each compiled block at gradient-bucket boundaries;
+    # with the blocks' symbolic sizes that split fails to compile (seen with torch 2.13: "'int' object has no attribute
+    # 'meta'"), and blocks this small gain nothing from overlapping their all-reduce inside a block.
+    torch._dynamo.config.optimize_ddp = False
     for block in blocks:
         block.compile()
     return len(blocks)
