@@ -207,15 +207,25 @@ def compile_repeated_blocks(unet: nn.Module) -> int:
     return len(blocks)
 
 
-def compiles_blocks(unet: nn.Module, options: SpeedOptions) -> bool:
-    """Whether `options` compile the blocks of `unet` as it is now (its device, its checkpointing)."""
-    selective = options.checkpointing == "selective" and getattr(unet, "is_gradient_checkpointing", False)
-    if options.compile_blocks is True and selective:
-        raise ValueError("compile_blocks cannot be combined with selective checkpointing: its policy cannot see "
-                         "inside compiled blocks; use checkpointing lean or full, or compile_blocks false or gpu")
+def compiles_on(options: SpeedOptions, device_type: str, selective_checkpointing: bool = False) -> bool:
+    """Whether `options` compile a UNet's blocks on `device_type` ("cuda", "cpu", ...).
+
+    `selective_checkpointing`: the UNet trains under selective checkpointing, which compiled code would escape:
+    "gpu" then leaves the blocks eager, and True is refused.
+    """
+    if options.compile_blocks is True and selective_checkpointing:
+        raise ValueError("speed.compile_blocks=true cannot be combined with speed.checkpointing=selective: its "
+                         "policy cannot see inside compiled blocks; use checkpointing lean or full, or "
+                         "compile_blocks false or gpu")
     if options.compile_blocks == "gpu":
-        return not selective and next(unet.parameters()).device.type == "cuda"
+        return device_type == "cuda" and not selective_checkpointing
     return options.compile_blocks
+
+
+def compiles_blocks(unet: nn.Module, options: SpeedOptions) -> bool:
+    """`compiles_on` for `unet` as it is now: its device, and whether it checkpoints selectively."""
+    selective = options.checkpointing == "selective" and getattr(unet, "is_gradient_checkpointing", False)
+    return compiles_on(options, next(unet.parameters()).device.type, selective)
 
 
 def apply_speed(unet: nn.Module, options: SpeedOptions) -> None:

@@ -16,7 +16,7 @@ from conftest import unet_inputs
 from exvideo import LatentBatch, SpeedOptions, added_time_ids, extend_unet, post_tuning_loss, prepare_for_post_tuning
 from exvideo.speed import (
     SAVE_MIN_FLOPS_PER_ELEMENT, ChunkCheckpointedFeedForward, attention_backend, compile_repeated_blocks,
-    compiles_blocks, enable_checkpointing, flops_per_output_element, set_conv_layout, speed_context,
+    compiles_blocks, compiles_on, enable_checkpointing, flops_per_output_element, set_conv_layout, speed_context,
 )
 from exvideo.unet import reflect_conv3d, reflect_conv3d_channels_last
 from pipelines.generate import GenerationParams, load_pipeline
@@ -276,8 +276,9 @@ def test_blocks_compile_by_default_only_on_a_gpu_and_never_under_selective_check
     assert not compiles_blocks(unet, PLAIN)
     enable_checkpointing(unet, "selective")
     assert not compiles_blocks(unet, SpeedOptions(checkpointing="selective"))
-    with pytest.raises(ValueError, match="selective checkpointing"):
+    with pytest.raises(ValueError, match="checkpointing=selective"):
         compiles_blocks(unet, SpeedOptions(checkpointing="selective", compile_blocks=True))
+    assert compiles_on(SpeedOptions(), "cuda") and not compiles_on(SpeedOptions(), "cuda", selective_checkpointing=True)
 
 
 def test_memory_prediction_orders_the_checkpointing_policies():

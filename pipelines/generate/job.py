@@ -23,6 +23,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from exvideo import SpeedOptions
+from exvideo.speed import compiles_on
 from orchestration.config import StageConfig
 from pipelines.generate.loading import file_sha256, load_pipeline, resolve_device, resolve_dtype
 from pipelines.generate.params import GenerationParams
@@ -181,7 +182,7 @@ def run_generate_job(cfg: GenerateJobConfig) -> dict:
         workers, gpus = _worker_resources(cfg)
         items = [{"id": r.id, "request": json.dumps({**asdict(r), "params": r.params.model_dump(mode="json")})}
                  for r in pending]
-        if cfg.speed.compile_blocks is True or (cfg.speed.compile_blocks == "gpu" and gpus):
+        if compiles_on(cfg.speed, "cuda" if gpus else "cpu"):
             # The workers' own logs do not reach this console, and the bar would sit still meanwhile.
             print("each worker compiles the UNet's blocks before its first video (about 2 min at 128 frames on a "
                   "GPU, less with a warm TORCHINDUCTOR_CACHE_DIR); speed.compile_blocks=false skips it", flush=True)

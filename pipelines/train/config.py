@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from exvideo.speed import SpeedOptions
+from exvideo.speed import SpeedOptions, compiles_on
 from orchestration.config import StageConfig
 
 
@@ -61,11 +61,9 @@ class TrainConfig(StageConfig):
     def _check(self) -> "TrainConfig":
         if self.zero_optimizer and self.num_workers < 2:
             raise ValueError("zero_optimizer shards optimizer state across workers; it needs num_workers >= 2")
-        selective = self.gradient_checkpointing and self.speed.checkpointing == "selective"
-        if self.speed.compile_blocks is True and selective:
-            raise ValueError("speed.compile_blocks=true cannot be combined with speed.checkpointing=selective: its "
-                             "policy cannot see inside compiled blocks; use checkpointing lean or full, or "
-                             "compile_blocks false or gpu")
+        # Refuses compile_blocks=true with selective checkpointing now rather than in every worker.
+        compiles_on(self.speed, "cuda" if self.use_gpu else "cpu",
+                    self.gradient_checkpointing and self.speed.checkpointing == "selective")
         if self.precision == "bf16" and not self.use_gpu:
             raise ValueError("precision bf16 is for GPUs; on CPU use precision=fp32")
         return self
