@@ -5,9 +5,9 @@
 
 Same weights and inputs for every path. Each bf16 path is compared with a float32 run of the plain path: an
 optimised path passes when its error is at most 1.5x the plain bf16 path's error plus 5e-3, i.e. it adds no error
-beyond bf16 rounding. Checked: the guided UNet output (batched guidance, channels-last convolution, each attention
-backend) and the training loss and gradients (checkpointing policies, channels-last convolution, attention); with
---compile also both paths with compiled blocks.
+beyond bf16 rounding. Checked: the guided UNet output (batched guidance, channels-last convolution, one-key
+cross-attention, each attention backend) and the training loss and gradients (checkpointing policies, channels-last
+convolution, one-key cross-attention, attention); with --compile also both paths with compiled blocks.
 Prints one table, writes JSON with --json, and exits 1 if any check fails.
 """
 
@@ -67,6 +67,7 @@ def check_generation(args, device, compiled: bool) -> list[dict]:
     variants = {
         "batched guidance": replace(PLAIN, batched_guidance=True),
         "channels-last conv": replace(PLAIN, conv_layout="channels_last"),
+        "one-key cross-attention": replace(PLAIN, one_key_cross_attention=True),
         "cudnn autotune": replace(PLAIN, cudnn_autotune=True),
         **{f"{name} attention": replace(PLAIN, attention=name) for name in args.attention},
         "all eager switches": replace(SpeedOptions(), compile_blocks=False,
@@ -120,6 +121,7 @@ def check_training(args, device, compiled: bool) -> list[dict]:
         "selective checkpointing": replace(PLAIN, checkpointing="selective"),
         "lean checkpointing": replace(PLAIN, checkpointing="lean"),
         "channels-last conv": replace(PLAIN, conv_layout="channels_last"),
+        "one-key cross-attention": replace(PLAIN, one_key_cross_attention=True),
         "cudnn autotune": replace(PLAIN, cudnn_autotune=True),
         **{f"{name} attention": replace(PLAIN, attention=name) for name in args.attention},
         "all eager switches": replace(SpeedOptions(), compile_blocks=False,

@@ -1,10 +1,13 @@
 """Bytes the UNet moves through memory-bound operators, and the least any fusion around the matrix kernels must move.
 
     python benchmarks/memory_traffic.py                         # guided step, SVD-XT shapes, 128 frames 512x512
-    python benchmarks/memory_traffic.py --part train            # training step (lean checkpointing, backward)
+    python benchmarks/memory_traffic.py --part train            # training step (forward and backward)
+    python benchmarks/memory_traffic.py --plain                 # the plain path (SpeedOptions.plain()) instead
 
-Counted on fake tensors, so it runs on any machine in seconds. For every aten operator of one call in bf16, it
-takes the bytes of the operator's tensor inputs and outputs, and splits them two ways:
+Counted on fake tensors, so it runs on any machine in seconds, for the project's default switches run eagerly
+(what torch.compile then fuses is the question this answers) or the plain path, with the FLOPs the call executes
+(recomputation included). For every aten operator of one call in bf16, it takes the bytes of the operator's tensor
+inputs and outputs, and splits them two ways:
   - matrix work (convolutions, matrix products, attention, and their backward) or memory-bound work (norms,
     elementwise, copies, casts);
   - for the guided step, inside or outside the repeated blocks that `speed.compile_blocks` compiles (not for
@@ -26,11 +29,13 @@ import json
 import torch
 from diffusers import UNetSpatioTemporalConditionModel
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from exvideo import LatentBatch, added_time_ids, extend_unet, freeze_for_post_tuning, post_tuning_loss
-from exvideo.speed import REPEATED_BLOCKS, enable_checkpointing
+from exvideo.speed import REPEATED_BLOCKS, SpeedOptions, apply_speed, enable_checkpointing
+from gpu_bench import register_cpu_attention_flops
 
 aten = torch.ops.aten
 MATRIX_OPS = {
@@ -86,18 +91,24 @@ class TrafficCounter(TorchDispatchMode):
             block.register_forward_hook(lambda *_: setattr(self, "block_depth", self.block_depth - 1))
 
 
-def bf16_unet(frames: int) -> UNetSpatioTemporalConditionModel:
-    """SVD-XT's UNet, extended, built in bf16 on fake tensors (a bf16 cast of fake parameters is refused)."""
+EAGER_DEFAULTS = SpeedOptions(compile_blocks=False)
+
+
+def bf16_unet(frames: int, options: SpeedOptions) -> UNetSpatioTemporalConditionModel:
+    """SVD-XT's UNet, extended, built in bf16 on fake tensors (a bf16 cast of fake parameters is refused), with the
+    module-level switches of `options`."""
     torch.set_default_dtype(torch.bfloat16)
     try:
         unet = UNetSpatioTemporalConditionModel()
     finally:
         torch.set_default_dtype(torch.float32)
-    return extend_unet(unet, frames)
+    extend_unet(unet, frames)
+    apply_speed(unet, options)
+    return unet
 
 
-def guided_step(counter: TrafficCounter, frames: int, latent: int) -> None:
-    unet = bf16_unet(frames).requires_grad_(False)
+def guided_step(counter: TrafficCounter, frames: int, latent: int, options: SpeedOptions) -> None:
+    unet = bf16_unet(frames, options).requires_grad_(False)
     counter.track_blocks(unet)
     dtype = torch.bfloat16
     with torch.no_grad(), counter:
@@ -106,12 +117,12 @@ def guided_step(counter: TrafficCounter, frames: int, latent: int) -> None:
              added_time_ids=torch.randn(2, 3, dtype=dtype), return_dict=False)
 
 
-def training_step(counter: TrafficCounter, frames: int, latent: int) -> None:
-    """Forward and backward as the training path runs them: trainable weights fp32, autocast, lean checkpointing."""
-    unet = bf16_unet(frames)
+def training_step(counter: TrafficCounter, frames: int, latent: int, options: SpeedOptions) -> None:
+    """Forward and backward as the training path runs them: trainable weights fp32, autocast, checkpointing."""
+    unet = bf16_unet(frames, options)
     for param in freeze_for_post_tuning(unet).values():
         param.data = param.data.float()
-    enable_checkpointing(unet, "lean")
+    enable_checkpointing(unet, options.checkpointing)
     batch = LatentBatch(torch.randn(1, frames, 4, latent, latent), torch.randn(1, 4, latent, latent),
                         torch.randn(1, 1, unet.config.cross_attention_dim), added_time_ids(30, 127))
     with counter:
@@ -120,15 +131,18 @@ def training_step(counter: TrafficCounter, frames: int, latent: int) -> None:
         loss.backward()
 
 
-def count(frames: int, size: int, part: str = "guided") -> dict:
-    counter = TrafficCounter()
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        (training_step if part == "train" else guided_step)(counter, frames, size // 8)
+def count(frames: int, size: int, part: str = "guided", options: SpeedOptions = EAGER_DEFAULTS) -> dict:
+    register_cpu_attention_flops()  # before the counter, which copies the formulas registered when it is made
+    counter, flops = TrafficCounter(), FlopCounterMode(display=False)
+    with FakeTensorMode(allow_non_fake_inputs=True), flops:
+        (training_step if part == "train" else guided_step)(counter, frames, size // 8, options)
     gigabytes = {f"{where}, {kind}": round(moved / 1e9, 1) for (where, kind), moved in sorted(counter.bytes.items())}
     matrix = sum(moved for (_, kind), moved in counter.bytes.items() if kind == "matrix")
     floor = matrix + counter.group_norm_inputs
+    path = "plain" if options == SpeedOptions.plain() else "defaults"
     return {
-        "part": part, "frames": frames, "size": size, "gb": gigabytes,
+        "part": part, "frames": frames, "size": size, "path": path,
+        "executed_tflop": round(flops.get_total_flops() / 1e12, 1), "gb": gigabytes,
         "outside_blocks_memory_bound_by_op": {op: round(moved / 1e9, 1)
                                               for op, moved in counter.outside_by_op.most_common(6)},
         "fused_floor_gb": round(floor / 1e9, 1),
@@ -141,8 +155,10 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=128)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--part", choices=["guided", "train"], default="guided")
+    parser.add_argument("--plain", action="store_true", help="the plain path instead of the eager defaults")
     args = parser.parse_args()
-    print(json.dumps(count(args.frames, args.size, args.part), indent=1))
+    options = SpeedOptions.plain() if args.plain else EAGER_DEFAULTS
+    print(json.dumps(count(args.frames, args.size, args.part, options), indent=1))
 
 
 if __name__ == "__main__":

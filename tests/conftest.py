@@ -42,6 +42,26 @@ def _tiny_unet_template():
     return _TEMPLATE["unet"]
 
 
+def float64_backward(options, checkpointing: bool, inputs: dict) -> tuple[dict, torch.Tensor]:
+    """The tiny UNet prepared for post-tuning with speed `options`, in float64, its trainable weights moved off the
+    identity initialisation; runs `inputs` forward and a fixed random weighting of the output backward.
+
+    Returns the trainable set (gradients filled) and the output.
+    """
+    from exvideo import prepare_for_post_tuning
+
+    unet = copy.deepcopy(_tiny_unet_template())
+    trainable = prepare_for_post_tuning(unet, 32, "fp32", checkpointing, "cpu", options)
+    unet.double()
+    with torch.no_grad():
+        for param in trainable.values():
+            param.add_(0.01 * torch.randn(param.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5)))
+    output = unet(**{k: v.double() for k, v in inputs.items()}, return_dict=False)[0]
+    weights = torch.randn(output.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    (output * weights).sum().backward()
+    return trainable, output.detach()
+
+
 def unet_inputs(num_frames: int, batch: int = 1, size: int = 8, seed: int = 0) -> dict:
     """Random UNet inputs for the tiny config: 8 input channels, 32-d image embedding, 3 added time ids."""
     g = torch.Generator().manual_seed(seed)

@@ -12,12 +12,13 @@ import torch
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from torch.utils.checkpoint import checkpoint
 
-from conftest import unet_inputs
+from conftest import float64_backward, unet_inputs
 from exvideo import LatentBatch, SpeedOptions, added_time_ids, extend_unet, post_tuning_loss, prepare_for_post_tuning
 from exvideo.speed import (
     SAVE_MIN_FLOPS_PER_ELEMENT, ChunkCheckpointedFeedForward, attention_backend, compile_repeated_blocks,
     compiles_blocks, compiles_on, enable_checkpointing, flops_per_output_element, set_conv_layout, speed_context,
 )
+from exvideo.one_key_attention import OneKeyCrossAttnProcessor
 from exvideo.unet import reflect_conv3d, reflect_conv3d_channels_last
 from pipelines.generate import GenerationParams, load_pipeline
 from pipelines.generate.guidance import Conditioning, guided_model_output
@@ -129,20 +130,9 @@ def test_switches_give_the_same_gradients_in_float64(options, checkpointing):
     """Exact up to float64 rounding: the tiny random model's float32 gradients move by percents with the mere
     summation order (its 1x1 bottom level normalises over a handful of values), which tolerances could not tell
     from a wrong gradient."""
-    from conftest import _tiny_unet_template
-
     gradients = []
     for switches, checkpointed in ((PLAIN, False), (options, checkpointing)):
-        unet = copy.deepcopy(_tiny_unet_template())
-        trainable = prepare_for_post_tuning(unet, 32, "fp32", checkpointed, "cpu", switches)
-        unet.double()
-        with torch.no_grad():
-            for param in trainable.values():
-                param.add_(0.01 * torch.randn(param.shape, dtype=torch.float64,
-                                              generator=torch.Generator().manual_seed(5)))
-        output = unet(**{k: v.double() for k, v in unet_inputs(6).items()}, return_dict=False)[0]
-        weights = torch.randn(output.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
-        (output * weights).sum().backward()
+        trainable, _ = float64_backward(switches, checkpointed, unet_inputs(6))
         gradients.append(torch.cat([param.grad.flatten() for param in trainable.values()]))
     assert gradients[0].norm() > 0
     assert float((gradients[1] - gradients[0]).norm() / gradients[0].norm()) < 1e-8
@@ -239,6 +229,7 @@ def test_a_compiled_block_trains_under_lean_checkpointing_like_its_eager_copy():
     torch.manual_seed(0)
     block = BasicTransformerBlock(32, 2, 16, cross_attention_dim=24)
     block.ff.__class__ = ChunkCheckpointedFeedForward  # as lean checkpointing switches it
+    block.attn2.set_processor(OneKeyCrossAttnProcessor(block.norm2))  # as the defaults set it
     eager = copy.deepcopy(block)
     block.compile()
     tokens = torch.randn(4, 64, 32, requires_grad=True)
@@ -254,6 +245,7 @@ def test_a_compiled_block_trains_under_lean_checkpointing_like_its_eager_copy():
     torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-5)
     for mine, theirs in zip(weights, eager_weights):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    assert block.attn2.to_q.weight.grad is not None and not block.attn2.to_q.weight.grad.any()
 
 
 def test_speed_settings_are_validated_by_name(tmp_path):
