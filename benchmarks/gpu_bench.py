@@ -8,7 +8,8 @@ One run measures, with the same weights throughout:
       median time, peak memory, model FLOPs and the fraction of the card's bf16 peak measured in the same run;
   (b) one guided UNet step of `LongVideoPipeline` and a whole video (`generate`: CLIP + VAE encode, all steps,
       windowed VAE decode): time and peak memory;
-  (c) the plain path (`SpeedOptions.plain()`) as the in-run baseline, and each switch added one at a time.
+  (c) the plain path (`SpeedOptions.plain()`) as the in-run baseline, and each switch added one at a time;
+  (d) with --parts decode, the whole video's windowed VAE decode alone, eager and with compiled decoder blocks.
 Prints one table per part and writes everything to --json after every measurement, so a run cut short keeps what
 it measured. Model FLOPs are counted once on fake tensors (no recomputation, no guidance duplication counted twice).
 """
@@ -38,7 +39,9 @@ from exvideo import (
     LatentBatch, SpeedOptions, added_time_ids, extend_unet, freeze_for_post_tuning, post_tuning_loss,
     prepare_for_post_tuning, tiny_svd_components,
 )
-from exvideo.speed import apply_speed, enable_checkpointing, speed_context
+from encode_throughput import SVD_VAE, VIT_H
+from exvideo.speed import apply_speed, compile_repeated_blocks, enable_checkpointing, speed_context
+from pipelines.generate.decode import decode_video
 from pipelines.generate.guidance import guidance_ramp, guided_model_output
 from pipelines.generate.params import GenerationParams
 from pipelines.generate.pipeline import LongVideoPipeline
@@ -213,11 +216,8 @@ def full_size_pipeline(device: torch.device) -> LongVideoPipeline:
     scheduler = tiny_svd_components().scheduler  # the SVD-XT scheduler configuration
     with torch.device(device):
         unet = UNetSpatioTemporalConditionModel()
-        vae = AutoencoderKLTemporalDecoder(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                                           down_block_types=("DownEncoderBlock2D",) * 4, latent_channels=4)
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-            patch_size=14, image_size=224, projection_dim=1024, hidden_act="gelu"))
+        vae = AutoencoderKLTemporalDecoder(**SVD_VAE)
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H))
     return LongVideoPipeline(vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler,
                              feature_extractor=CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}))
 
@@ -287,7 +287,7 @@ class Report:
     """Results so far, rewritten to --json after every measurement."""
 
     def __init__(self, path: str | None, header: dict):
-        self.path, self.data = path, {**header, "train": {}, "unet_step": {}, "video": {}}
+        self.path, self.data = path, {**header, "train": {}, "unet_step": {}, "video": {}, "decode": {}}
 
     def add(self, part: str, name: str, row: dict) -> None:
         self.data[part][name] = row
@@ -384,6 +384,41 @@ def run_generation(report: Report, args, device, flops: dict, peak: float | None
                    {"options": asdict(compiled), **time_video(pipeline, compiled, image, params, device)})
 
 
+def time_decode(vae: AutoencoderKLTemporalDecoder, latents: torch.Tensor, args, device,
+                outputs: list[torch.Tensor]) -> dict:
+    """Median time and peak memory of the generation path's windowed VAE decode of `latents`; the first row's video
+    is kept in `outputs` and later rows report their relative difference to it."""
+    params = GenerationParams()
+    reset_memory(device)
+    clock, times, first = Clock(device), [], None
+    for repeat in range(args.warmup + args.steps):
+        start = clock.now()
+        video = decode_video(vae, latents, params.decode_window, params.decode_stride)
+        elapsed = clock.now() - start
+        first = first or round(elapsed, 1)
+        if repeat >= args.warmup:
+            times.append(elapsed)
+    if not outputs:
+        outputs.append(video)
+    difference = float((video - outputs[0]).norm() / outputs[0].norm())
+    return {"decode_s": round(statistics.median(times), 3), "peak_gib": peak_gib(device), "first_call_s": first,
+            "difference_to_first": round(difference, 5)}
+
+
+def run_decode(report: Report, args, device, started: float) -> None:
+    """The whole video's VAE decode alone, eager and with the decoder's repeated blocks compiled: a candidate for
+    `compile_blocks`, which compiles only the UNet so far."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vae = (tiny_svd_components().vae if args.tiny else AutoencoderKLTemporalDecoder(**SVD_VAE)).to(device, dtype)
+    latent = args.size // 8
+    latents = torch.randn(1, args.frames, 4, latent, latent, generator=torch.Generator().manual_seed(0)).to(device)
+    outputs: list[torch.Tensor] = []
+    report.add("decode", "eager", time_decode(vae, latents, args, device, outputs))
+    if compile_allowed(args, started):
+        compile_repeated_blocks(vae)
+        report.add("decode", "compiled decoder blocks", time_decode(vae, latents, args, device, outputs))
+
+
 def print_tables(data: dict) -> None:
     flops = data["model_tflop"]
     print(f"\n{data['model']}, {data['frames']} frames at {data['size']}x{data['size']}, batch 1, {data['hardware']}, "
@@ -400,6 +435,11 @@ def print_tables(data: dict) -> None:
     print("\n| whole video | s | denoise s | decode s | peak GiB |\n|---|---|---|---|---|")
     for name, row in data["video"].items():
         print(f"| {name} | {row['video_s']} | {row['denoise_s']} | {row['decode_s']} | {row['peak_gib']} |")
+    print("\n| VAE decode of the whole video | median s | peak GiB | first call s | difference to eager |\n"
+          "|---|---|---|---|---|")
+    for name, row in data.get("decode", {}).items():
+        print(f"| {name} | {row['decode_s']} | {row['peak_gib']} | {row['first_call_s']} | "
+              f"{row['difference_to_first']} |")
 
 
 def main() -> None:
@@ -410,7 +450,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed repetitions per variant")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--video-steps", type=int, default=50, help="sampler steps of the whole-video runs")
-    parser.add_argument("--parts", nargs="+", default=["train", "generate"], choices=["train", "generate"])
+    parser.add_argument("--parts", nargs="+", default=["train", "generate"], choices=["train", "generate", "decode"])
     parser.add_argument("--train-variants", nargs="*", help=f"subset of: {', '.join(TRAIN_VARIANTS)}")
     parser.add_argument("--step-variants", nargs="*", help=f"subset of: {', '.join(STEP_VARIANTS)}")
     parser.add_argument("--videos", nargs="*", default=["plain", "best", "compiled"],
@@ -439,6 +479,8 @@ def main() -> None:
         run_training(report, args, device, flops, peak, started)
     if "generate" in args.parts:
         run_generation(report, args, device, flops, peak, started)
+    if "decode" in args.parts:
+        run_decode(report, args, device, started)
     report.data["wall_s"] = round(time.perf_counter() - started, 1)
     report.save()
     print_tables(report.data)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, profile and benchmarks, as run on a lent GPU machine (see benchmarks/RESULTS.md):
-#   bash benchmarks/gpu_run.sh OUTDIR [PART ...]      PART: check profile train generate cache (default: the first 4)
-# Each part runs under its own time limit (CHECK_, PROFILE_, TRAIN_, GENERATE_, CACHE_TIMEOUT in seconds),
+#   bash benchmarks/gpu_run.sh OUTDIR [PART ...]   PART: check profile train generate decode cache (default: first 4)
+# Each part runs under its own time limit (CHECK_, PROFILE_, TRAIN_, GENERATE_, DECODE_, CACHE_TIMEOUT in seconds),
 # so a part that overruns loses only itself; the benchmark writes its JSON after every measurement. Extra arguments
 # go to each script through CHECK_ARGS, PROFILE_ARGS and BENCH_ARGS. Installs carried wheels from .whl/ first when
 # the machine lacks diffusers (no registry there).
@@ -38,7 +38,9 @@ for part in $parts; do
       --flops-cache /tmp/exvideo-flops.json "${bench_args[@]}" --json "$out/train.json" ;;
     generate) run_part generate "${GENERATE_TIMEOUT:-300}" benchmarks/gpu_bench.py --parts generate --steps 3 \
       --warmup 1 --flops-cache /tmp/exvideo-flops.json "${bench_args[@]}" --json "$out/generate.json" ;;
+    decode) run_part decode "${DECODE_TIMEOUT:-200}" benchmarks/gpu_bench.py --parts decode --steps 2 --warmup 1 \
+      --flops-cache /tmp/exvideo-flops.json "${bench_args[@]}" --json "$out/decode.json" ;;
     cache) run_part compile_cache "${CACHE_TIMEOUT:-450}" benchmarks/compile_cache.py --part train ;;
-    *) echo "unknown part $part (check profile train generate cache)"; exit 2 ;;
+    *) echo "unknown part $part (check profile train generate decode cache)"; exit 2 ;;
   esac
 done

@@ -3,6 +3,7 @@
     python benchmarks/memory_traffic.py                         # guided step, SVD-XT shapes, 128 frames 512x512
     python benchmarks/memory_traffic.py --part train            # training step (forward and backward)
     python benchmarks/memory_traffic.py --plain                 # the plain path (SpeedOptions.plain()) instead
+    python benchmarks/memory_traffic.py --part decode           # the windowed VAE decode of the whole video
 
 Counted on fake tensors, so it runs on any machine in seconds, for the project's default switches run eagerly
 (what torch.compile then fuses is the question this answers) or the plain path, with the FLOPs the call executes
@@ -27,15 +28,18 @@ import collections
 import json
 
 import torch
-from diffusers import UNetSpatioTemporalConditionModel
+from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from encode_throughput import SVD_VAE
 from exvideo import LatentBatch, added_time_ids, extend_unet, freeze_for_post_tuning, post_tuning_loss
 from exvideo.speed import REPEATED_BLOCKS, SpeedOptions, apply_speed, enable_checkpointing
 from gpu_bench import register_cpu_attention_flops
+from pipelines.generate.decode import decode_video
+from pipelines.generate.params import GenerationParams
 
 aten = torch.ops.aten
 MATRIX_OPS = {
@@ -131,11 +135,27 @@ def training_step(counter: TrafficCounter, frames: int, latent: int, options: Sp
         loss.backward()
 
 
+def video_decode(counter: TrafficCounter, frames: int, latent: int, options: SpeedOptions) -> None:
+    """The generation path's VAE decode of a whole video, in its default overlapping windows (no speed switch
+    applies to it)."""
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        vae = AutoencoderKLTemporalDecoder(**SVD_VAE)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    params = GenerationParams()
+    with counter:
+        decode_video(vae, torch.randn(1, frames, 4, latent, latent), params.decode_window, params.decode_stride)
+
+
+PARTS = {"guided": guided_step, "train": training_step, "decode": video_decode}
+
+
 def count(frames: int, size: int, part: str = "guided", options: SpeedOptions = EAGER_DEFAULTS) -> dict:
     register_cpu_attention_flops()  # before the counter, which copies the formulas registered when it is made
     counter, flops = TrafficCounter(), FlopCounterMode(display=False)
     with FakeTensorMode(allow_non_fake_inputs=True), flops:
-        (training_step if part == "train" else guided_step)(counter, frames, size // 8, options)
+        PARTS[part](counter, frames, size // 8, options)
     gigabytes = {f"{where}, {kind}": round(moved / 1e9, 1) for (where, kind), moved in sorted(counter.bytes.items())}
     matrix = sum(moved for (_, kind), moved in counter.bytes.items() if kind == "matrix")
     floor = matrix + counter.group_norm_inputs
@@ -154,7 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=128)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--part", choices=["guided", "train"], default="guided")
+    parser.add_argument("--part", choices=list(PARTS), default="guided")
     parser.add_argument("--plain", action="store_true", help="the plain path instead of the eager defaults")
     args = parser.parse_args()
     options = SpeedOptions.plain() if args.plain else EAGER_DEFAULTS

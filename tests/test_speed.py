@@ -302,3 +302,17 @@ def test_memory_traffic_splits_the_guided_step_at_the_compiled_blocks():
     # The fused floor: at least every matrix kernel's bytes, at most everything.
     floor = count(16, size=256)["fused_floor_gb"]
     assert small["inside blocks, matrix"] + small["outside blocks, matrix"] <= floor < sum(small.values())
+
+
+def test_memory_traffic_counts_every_window_of_the_video_decode():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from memory_traffic import count
+
+    # 8 frames are one decode window; 16 frames are windows at 0, 4 and 8 (window 8, stride 4).
+    one, three = (count(frames, size=128, part="decode") for frames in (8, 16))
+    assert one["executed_tflop"] > 0 and one["gb"]["all, matrix"] > 0
+    assert three["gb"]["all, matrix"] == pytest.approx(3 * one["gb"]["all, matrix"], rel=0.05)
+    assert three["fused_floor_gb"] == pytest.approx(3 * one["fused_floor_gb"], rel=0.05)
