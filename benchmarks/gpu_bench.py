@@ -331,6 +331,12 @@ def fastest(rows: dict[str, dict], allowed=lambda options: True) -> tuple[str, S
     return name, SpeedOptions(**eager[name]["options"])
 
 
+def compiled_variants(name: str, options: SpeedOptions, modes: list[str]) -> dict[str, SpeedOptions]:
+    """`options` with compiled blocks, once per torch.compile mode, in order (each recompiles the blocks)."""
+    return {f"{name} +compiled blocks" + ("" if mode == "default" else f" ({mode})"):
+            replace(options, compile_blocks=True, compile_mode=mode) for mode in modes}
+
+
 def compile_allowed(args, started: float) -> bool:
     if args.skip_compile or time.perf_counter() - started > args.budget_s:
         print("compiled variants skipped (--skip-compile or over --budget-s)", flush=True)
@@ -352,8 +358,8 @@ def run_training(report: Report, args, device, flops: dict, peak: float | None, 
         return
     # Selective checkpointing's policy cannot see inside compiled blocks: compile the fastest of the others.
     best_name, best = fastest(report.data["train"], lambda options: options.checkpointing != "selective")
-    measure_variants(report, "train", {f"{best_name} +compiled blocks": replace(best, compile_blocks=True)}, None,
-                     measure, flops["train_step"], peak, device)
+    measure_variants(report, "train", compiled_variants(best_name, best, args.compile_modes), None, measure,
+                     flops["train_step"], peak, device)
 
 
 def run_generation(report: Report, args, device, flops: dict, peak: float | None, started: float) -> None:
@@ -376,12 +382,11 @@ def run_generation(report: Report, args, device, flops: dict, peak: float | None
                    {"options": asdict(best), **time_video(pipeline, best, image, params, device)})
     if not compile_allowed(args, started):
         return
-    compiled = replace(best, compile_blocks=True)
-    measure_variants(report, "unet_step", {f"{best_name} +compiled blocks": compiled}, None, measure,
-                     flops["guided_unet_step"], peak, device)
-    if "compiled" in args.videos:
-        report.add("video", f"{best_name} +compiled blocks",
-                   {"options": asdict(compiled), **time_video(pipeline, compiled, image, params, device)})
+    compiled = compiled_variants(best_name, best, args.compile_modes)
+    measure_variants(report, "unet_step", compiled, None, measure, flops["guided_unet_step"], peak, device)
+    if "compiled" in args.videos:  # in the last mode compiled, which the blocks now hold
+        name, options = list(compiled.items())[-1]
+        report.add("video", name, {"options": asdict(options), **time_video(pipeline, options, image, params, device)})
 
 
 def time_decode(vae: AutoencoderKLTemporalDecoder, latents: torch.Tensor, args, device,
@@ -456,6 +461,8 @@ def main() -> None:
     parser.add_argument("--videos", nargs="*", default=["plain", "best", "compiled"],
                         choices=["plain", "best", "compiled"], help="whole videos to time")
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--compile-modes", nargs="+", default=["default"],
+                        choices=["default", "max-autotune-no-cudagraphs"], help="a compiled row per torch.compile mode")
     parser.add_argument("--budget-s", type=float, default=420, help="skip compilation once the run is this old")
     parser.add_argument("--json", help="write the results here (after every measurement)")
     parser.add_argument("--flops-cache", help="JSON file that keeps the model FLOPs between runs of one shape")

@@ -27,6 +27,7 @@ from exvideo.unet import ExVideoTransformerSpatioTemporalModel, spatio_temporal_
 ConvLayout = Literal["channels_last", "channels_first"]
 Attention = Literal["auto", "flash", "cudnn", "efficient", "math"]
 Checkpointing = Literal["full", "selective", "lean"]
+CompileMode = Literal["default", "max-autotune-no-cudagraphs"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class SpeedOptions:
         CUDA device, unless it trains under selective checkpointing, whose policy cannot see inside compiled code
         (True is refused there). The first call of each new shape waits for the compilation (at 128 frames
         512x512: ~205 s for a training step, ~113 s for a guided step); on the CPU it would take longer than it saves.
+    compile_mode: torch.compile's mode for compiled blocks. "max-autotune-no-cudagraphs" also times Triton templates
+        for the matrix products and convolutions, into which inductor can then fuse the norms and activations
+        around them: compilation takes far longer. Not measured yet (benchmarks/RESULTS.md), hence not the default.
     batched_guidance: both classifier-free-guidance branches in one UNet call rather than two.
     one_key_cross_attention: SVD's cross-attentions attend to one key, so their output is the projected value for
         every query; compute it once per sequence without the query (exvideo.one_key_attention). The skipped weights
@@ -74,6 +78,7 @@ class SpeedOptions:
     checkpointing: Checkpointing = "lean"
     cudnn_autotune: bool = False
     compile_blocks: bool | Literal["gpu"] = "gpu"
+    compile_mode: CompileMode = "default"
     batched_guidance: bool = True
     one_key_cross_attention: bool = True
 
@@ -193,13 +198,17 @@ def set_conv_layout(unet: nn.Module, layout: ConvLayout) -> None:
             transformer.conv_layout = layout
 
 
-def compile_repeated_blocks(unet: nn.Module) -> int:
-    """torch.compile each repeated block in place; returns how many.
+def compile_repeated_blocks(unet: nn.Module, mode: CompileMode = "default") -> int:
+    """torch.compile each repeated block in place, in torch.compile's `mode`; returns how many it newly compiled.
 
     Instances of a class share compiled code. Shapes differ between blocks (channels, resolution), so after the
     first recompilation dynamo makes the changing sizes symbolic and one graph serves the rest of that class.
+    Blocks already compiled in `mode` are left as they are, so applying the same options again compiles nothing.
     """
-    blocks = [m for m in unet.modules() if type(m).__name__ in REPEATED_BLOCKS]
+    blocks = [m for m in unet.modules()
+              if type(m).__name__ in REPEATED_BLOCKS and getattr(m, "compiled_mode", None) != mode]
+    if not blocks:
+        return 0
     logger.warning("compiling %d UNet blocks with torch.compile: the first call of each new shape waits for it "
                    "(minutes at full size); speed.compile_blocks=false skips it", len(blocks))
     # Every up/down level gives a block class new shapes; let it recompile rather than silently fall back to eager.
@@ -209,7 +218,8 @@ def compile_repeated_blocks(unet: nn.Module) -> int:
     # 'meta'"), and blocks this small gain nothing from overlapping their all-reduce inside a block.
     torch._dynamo.config.optimize_ddp = False
     for block in blocks:
-        block.compile()
+        block.compile(mode=mode)
+        block.compiled_mode = mode
     return len(blocks)
 
 
@@ -243,4 +253,4 @@ def apply_speed(unet: nn.Module, options: SpeedOptions) -> None:
     set_conv_layout(unet, options.conv_layout)
     set_one_key_cross_attention(unet, options.one_key_cross_attention)
     if compiles_blocks(unet, options):
-        compile_repeated_blocks(unet)
+        compile_repeated_blocks(unet, options.compile_mode)

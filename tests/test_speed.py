@@ -217,6 +217,11 @@ def test_compile_repeated_blocks_wraps_exactly_the_repeated_blocks_and_keeps_the
     eager = copy.deepcopy(temporal)
     assert compile_repeated_blocks(unet) == len(repeated) > 0
     assert all(m._compiled_call_impl is not None for m in repeated)
+    compiled = [m._compiled_call_impl for m in repeated]
+    assert compile_repeated_blocks(unet) == 0  # the same options again: the compiled code is kept
+    assert [m._compiled_call_impl for m in repeated] == compiled
+    with pytest.raises(RuntimeError, match="mode=bogus"):  # the mode reaches torch.compile
+        compile_repeated_blocks(unet, mode="bogus")
     assert unet._compiled_call_impl is None  # the UNet itself stays eager: only its blocks compile
     # DDP's graph splitting fails on the blocks' symbolic sizes (seen in a 2-worker Ray Train run): it stays off.
     assert torch._dynamo.config.optimize_ddp is False
@@ -255,6 +260,10 @@ def test_speed_settings_are_validated_by_name(tmp_path):
         TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_blocks": True, "checkpointing": "selective"})
     with pytest.raises(ValueError, match="speed.compile_blocks"):
         TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_blocks": "always"})
+    with pytest.raises(ValueError, match="speed.compile_mode"):
+        TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_mode": "max-autotune"})  # CUDA graphs: refused
+    assert TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_mode": "max-autotune-no-cudagraphs"}
+                       ).speed.compile_mode == "max-autotune-no-cudagraphs"
     assert TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_blocks": True}).speed.compile_blocks is True
     config = TrainConfig(svd_dir=tmp_path, shards="x", speed={"checkpointing": "selective"})
     assert config.speed.compile_blocks == "gpu"  # the default, which leaves selective checkpointing uncompiled
