@@ -325,3 +325,26 @@ def test_memory_traffic_counts_every_window_of_the_video_decode():
     assert one["executed_tflop"] > 0 and one["gb"]["all, matrix"] > 0
     assert three["gb"]["all, matrix"] == pytest.approx(3 * one["gb"]["all, matrix"], rel=0.05)
     assert three["fused_floor_gb"] == pytest.approx(3 * one["fused_floor_gb"], rel=0.05)
+
+
+def test_compiled_traffic_counts_what_inductor_fused_against_the_eager_bytes():
+    import sys
+    from pathlib import Path
+
+    from torch._inductor import config as inductor_config
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from compiled_traffic import measure_call
+
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(64, 2, 32, cross_attention_dim=24).to(torch.bfloat16).requires_grad_(False)
+    tokens, context = torch.randn(2, 256, 64).to(torch.bfloat16), torch.randn(2, 1, 24).to(torch.bfloat16)
+    torch._logging.set_logs(inductor_metrics=True)
+    try:
+        with inductor_config.patch(fx_graph_cache=False):
+            row = measure_call(block, (tokens,), {"encoder_hidden_states": context})
+    finally:
+        torch._logging.set_logs()
+    # Fused kernels move less than eager's separate operators, and no less than the matrix kernels' own bytes.
+    assert row["matrix"] > 0 and row["floor"] >= row["matrix"]
+    assert row["matrix"] < row["compiled"] < row["eager_memory_bound"] + row["matrix"]

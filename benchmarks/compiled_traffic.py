@@ -1,0 +1,126 @@
+"""Bytes the compiled blocks of a guided step move, against their eager bytes and the fused floor.
+
+    python benchmarks/compiled_traffic.py                  # SVD-XT widths, 512x512, 2 frames, both guidance branches
+    python benchmarks/compiled_traffic.py --frames 4 --json compiled_traffic.json
+
+Records every call of the repeated blocks (`speed.compile_blocks`) in one guided step on fake tensors: each block's
+class, weights' shapes and inputs' shapes. For each distinct call it then runs one such block eagerly on random
+bf16 inputs under `memory_traffic.TrafficCounter` (eager bytes, matrix bytes, the floor), and compiles it with
+inductor on this CPU, static shapes, which reports the bytes its kernels read and write: fused kernels and the
+matrix kernels it calls. Totals weight each call by how often the step makes it.
+
+Inductor's scheduler decides fusion the same way for its CPU and GPU backends; the kernels themselves differ. So the
+compiled bytes say how much traffic compiling leaves, not how fast a GPU moves it. Frames only scale the token
+count (the temporal attention's length aside), so a few frames give each call's bytes per frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+
+import torch
+from torch._inductor import config as inductor_config
+from torch._inductor import metrics
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_map
+
+from exvideo.speed import REPEATED_BLOCKS
+from memory_traffic import EAGER_DEFAULTS, TrafficCounter, bf16_unet
+
+
+def signature(value):
+    """What identifies an input: a tensor's shape and dtype, anything else itself."""
+    return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
+
+
+def record_block_calls(frames: int, latent: int) -> tuple[torch.nn.Module, dict]:
+    """The bf16 UNet with the default switches, and {call key: [block, args, kwargs, count]} of one guided step."""
+    unet = bf16_unet(frames, EAGER_DEFAULTS).requires_grad_(False)
+    calls: dict = {}
+
+    def record(block, args, kwargs):
+        key = (type(block).__name__, tuple(tuple(p.shape) for p in block.parameters()),
+               tree_map(signature, (args, kwargs)).__repr__())
+        if key not in calls:
+            calls[key] = [block, tree_map(signature, args), tree_map(signature, kwargs), 0]
+        calls[key][3] += 1
+
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True)
+             for m in unet.modules() if type(m).__name__ in REPEATED_BLOCKS]
+    dtype = torch.bfloat16
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        unet(torch.randn(2, frames, 8, latent, latent, dtype=dtype), torch.ones(1),
+             encoder_hidden_states=torch.randn(2, 1, unet.config.cross_attention_dim, dtype=dtype),
+             added_time_ids=torch.randn(2, 3, dtype=dtype), return_dict=False)
+    for hook in hooks:
+        hook.remove()
+    return unet, calls
+
+
+def random_inputs(recorded, generator: torch.Generator):
+    """Real tensors for recorded signatures: random values, zeros for SVD's all-zero image-only indicator."""
+    def make(value):
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], torch.dtype):
+            shape, dtype = value
+            return torch.randn(shape, generator=generator).to(dtype)
+        return value
+    return tree_map(make, recorded, is_leaf=lambda v: isinstance(v, tuple) and len(v) == 2
+                    and isinstance(v[1], torch.dtype))
+
+
+def measure_call(block: torch.nn.Module, args, kwargs) -> dict[str, int]:
+    """Eager memory-bound and matrix bytes, the floor, and the bytes inductor's compiled kernels move, of one call."""
+    if "image_only_indicator" in kwargs:
+        kwargs = {**kwargs, "image_only_indicator": torch.zeros_like(kwargs["image_only_indicator"])}
+    counter = TrafficCounter()
+    with torch.no_grad(), counter:
+        block(*args, **kwargs)
+    matrix = counter.bytes[("all", "matrix")]
+    before = metrics.num_bytes_accessed
+    with torch.no_grad():
+        torch.compile(block, dynamic=False)(*args, **kwargs)
+    return {"eager_memory_bound": counter.bytes[("all", "memory-bound")], "matrix": matrix,
+            "floor": matrix + counter.group_norm_inputs, "compiled": metrics.num_bytes_accessed - before}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=2)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch._logging.set_logs(inductor_metrics=True)  # inductor counts a graph's bytes only with this log on
+    torch._dynamo.config.recompile_limit = 256  # every distinct call compiles its own static graph
+    inductor_config.fx_graph_cache = False  # a cache hit would skip the count
+    torch.manual_seed(0)
+    _, calls = record_block_calls(args.frames, args.size // 8)
+    generator = torch.Generator().manual_seed(0)
+    totals, by_class = collections.Counter(), collections.defaultdict(collections.Counter)
+    for index, (key, (block, recorded_args, recorded_kwargs, count)) in enumerate(calls.items(), 1):
+        inputs, kwargs = random_inputs((recorded_args, recorded_kwargs), generator)
+        row = measure_call(block, inputs, kwargs)
+        moved = ", ".join(f"{name} {value / 1e9:.3f} GB" for name, value in row.items())
+        print(f"[{index}/{len(calls)}] {key[0]} x{count}: {moved}", flush=True)
+        for name, moved in row.items():
+            totals[name] += count * moved
+            by_class[key[0]][name] += count * moved
+    result = {
+        "frames": args.frames, "size": args.size, "distinct_calls": len(calls),
+        "gb": {name: round(moved / 1e9, 2) for name, moved in totals.items()},
+        "gb_by_class": {cls: {name: round(moved / 1e9, 2) for name, moved in row.items()}
+                        for cls, row in by_class.items()},
+        # The floor is memory-bound traffic (writing the matrix kernels' inputs, reading their outputs); inductor's
+        # count also holds the matrix kernels' own reads and writes, the matrix bytes.
+        "compiled_memory_bound_over_floor": round((totals["compiled"] - totals["matrix"]) / totals["floor"], 3),
+        "compiled_over_eager": round(totals["compiled"] / (totals["eager_memory_bound"] + totals["matrix"]), 3),
+    }
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
