@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -331,10 +332,17 @@ def fastest(rows: dict[str, dict], allowed=lambda options: True) -> tuple[str, S
     return name, SpeedOptions(**eager[name]["options"])
 
 
-def compiled_variants(name: str, options: SpeedOptions, modes: list[str]) -> dict[str, SpeedOptions]:
-    """`options` with compiled blocks, once per torch.compile mode, in order (each recompiles the blocks)."""
-    return {f"{name} +compiled blocks" + ("" if mode == "default" else f" ({mode})"):
-            replace(options, compile_blocks=True, compile_mode=mode) for mode in modes}
+def compiled_variants(name: str, options: SpeedOptions, modes: list[str], shapes: list[str]
+                      ) -> dict[str, SpeedOptions]:
+    """`options` with compiled blocks, once per torch.compile mode and shape setting, in order (each recompiles)."""
+    variants = {}
+    for mode, shape in itertools.product(modes, shapes):
+        notes = [note for note in (mode if mode != "default" else "", "static shapes" if shape == "static" else "")
+                 if note]
+        label = f"{name} +compiled blocks" + (f" ({', '.join(notes)})" if notes else "")
+        variants[label] = replace(options, compile_blocks=True, compile_mode=mode,
+                                  compile_static_shapes=shape == "static")
+    return variants
 
 
 def compile_allowed(args, started: float) -> bool:
@@ -358,8 +366,8 @@ def run_training(report: Report, args, device, flops: dict, peak: float | None, 
         return
     # Selective checkpointing's policy cannot see inside compiled blocks: compile the fastest of the others.
     best_name, best = fastest(report.data["train"], lambda options: options.checkpointing != "selective")
-    measure_variants(report, "train", compiled_variants(best_name, best, args.compile_modes), None, measure,
-                     flops["train_step"], peak, device)
+    compiled = compiled_variants(best_name, best, args.compile_modes, args.compile_shapes)
+    measure_variants(report, "train", compiled, None, measure, flops["train_step"], peak, device)
 
 
 def run_generation(report: Report, args, device, flops: dict, peak: float | None, started: float) -> None:
@@ -382,7 +390,7 @@ def run_generation(report: Report, args, device, flops: dict, peak: float | None
                    {"options": asdict(best), **time_video(pipeline, best, image, params, device)})
     if not compile_allowed(args, started):
         return
-    compiled = compiled_variants(best_name, best, args.compile_modes)
+    compiled = compiled_variants(best_name, best, args.compile_modes, args.compile_shapes)
     measure_variants(report, "unet_step", compiled, None, measure, flops["guided_unet_step"], peak, device)
     if "compiled" in args.videos:  # in the last mode compiled, which the blocks now hold
         name, options = list(compiled.items())[-1]
@@ -463,6 +471,8 @@ def main() -> None:
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--compile-modes", nargs="+", default=["default"],
                         choices=["default", "max-autotune-no-cudagraphs"], help="a compiled row per torch.compile mode")
+    parser.add_argument("--compile-shapes", nargs="+", default=["auto"], choices=["auto", "static"],
+                        help="and per shape setting (speed.compile_static_shapes)")
     parser.add_argument("--budget-s", type=float, default=420, help="skip compilation once the run is this old")
     parser.add_argument("--json", help="write the results here (after every measurement)")
     parser.add_argument("--flops-cache", help="JSON file that keeps the model FLOPs between runs of one shape")

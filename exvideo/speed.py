@@ -67,6 +67,12 @@ class SpeedOptions:
     compile_mode: torch.compile's mode for compiled blocks. "max-autotune-no-cudagraphs" also times Triton templates
         for the matrix products and convolutions, into which inductor can then fuse the norms and activations
         around them: compilation takes far longer. Not measured yet (benchmarks/RESULTS.md), hence not the default.
+    compile_static_shapes: compile every block call's shapes as constants (torch.compile's dynamic=False). By
+        default dynamo makes a block class's sizes symbolic at its first recompilation, so its norm and activation
+        kernels are generated for any channel count and resolution; its static weights make it recompile at every
+        new width anyway (19 graphs for the 22 distinct calls of an SVD-XT guided step; static: 22, and no longer to
+        compile on the CPU). Suits runs of one clip size: each new frame count or resolution compiles every block
+        again. Not measured on a GPU yet, hence not the default.
     batched_guidance: both classifier-free-guidance branches in one UNet call rather than two.
     one_key_cross_attention: SVD's cross-attentions attend to one key, so their output is the projected value for
         every query; compute it once per sequence without the query (exvideo.one_key_attention). The skipped weights
@@ -79,6 +85,7 @@ class SpeedOptions:
     cudnn_autotune: bool = False
     compile_blocks: bool | Literal["gpu"] = "gpu"
     compile_mode: CompileMode = "default"
+    compile_static_shapes: bool = False
     batched_guidance: bool = True
     one_key_cross_attention: bool = True
 
@@ -198,15 +205,18 @@ def set_conv_layout(unet: nn.Module, layout: ConvLayout) -> None:
             transformer.conv_layout = layout
 
 
-def compile_repeated_blocks(unet: nn.Module, mode: CompileMode = "default") -> int:
-    """torch.compile each repeated block in place, in torch.compile's `mode`; returns how many it newly compiled.
+def compile_repeated_blocks(unet: nn.Module, mode: CompileMode = "default", static_shapes: bool = False) -> int:
+    """torch.compile each repeated block in place, in torch.compile's `mode`, with symbolic sizes after a block
+    class's first recompilation or, with `static_shapes`, none; returns how many blocks it newly compiled.
 
     Instances of a class share compiled code. Shapes differ between blocks (channels, resolution), so after the
-    first recompilation dynamo makes the changing sizes symbolic and one graph serves the rest of that class.
-    Blocks already compiled in `mode` are left as they are, so applying the same options again compiles nothing.
+    first recompilation dynamo makes the changing sizes symbolic and one graph serves the blocks of the same weight
+    shapes. Blocks already compiled with these settings are left as they are, so applying the same options again
+    compiles nothing.
     """
+    settings = (mode, static_shapes)
     blocks = [m for m in unet.modules()
-              if type(m).__name__ in REPEATED_BLOCKS and getattr(m, "compiled_mode", None) != mode]
+              if type(m).__name__ in REPEATED_BLOCKS and getattr(m, "compiled_with", None) != settings]
     if not blocks:
         return 0
     logger.warning("compiling %d UNet blocks with torch.compile: the first call of each new shape waits for it "
@@ -218,8 +228,8 @@ def compile_repeated_blocks(unet: nn.Module, mode: CompileMode = "default") -> i
     # 'meta'"), and blocks this small gain nothing from overlapping their all-reduce inside a block.
     torch._dynamo.config.optimize_ddp = False
     for block in blocks:
-        block.compile(mode=mode)
-        block.compiled_mode = mode
+        block.compile(mode=mode, dynamic=False if static_shapes else None)
+        block.compiled_with = settings
     return len(blocks)
 
 
@@ -253,4 +263,4 @@ def apply_speed(unet: nn.Module, options: SpeedOptions) -> None:
     set_conv_layout(unet, options.conv_layout)
     set_one_key_cross_attention(unet, options.one_key_cross_attention)
     if compiles_blocks(unet, options):
-        compile_repeated_blocks(unet, options.compile_mode)
+        compile_repeated_blocks(unet, options.compile_mode, options.compile_static_shapes)

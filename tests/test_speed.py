@@ -264,6 +264,7 @@ def test_speed_settings_are_validated_by_name(tmp_path):
         TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_mode": "max-autotune"})  # CUDA graphs: refused
     assert TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_mode": "max-autotune-no-cudagraphs"}
                        ).speed.compile_mode == "max-autotune-no-cudagraphs"
+    assert TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_static_shapes": True}).speed.compile_static_shapes
     assert TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_blocks": True}).speed.compile_blocks is True
     config = TrainConfig(svd_dir=tmp_path, shards="x", speed={"checkpointing": "selective"})
     assert config.speed.compile_blocks == "gpu"  # the default, which leaves selective checkpointing uncompiled
@@ -348,3 +349,21 @@ def test_compiled_traffic_counts_what_inductor_fused_against_the_eager_bytes():
     # Fused kernels move less than eager's separate operators, and no less than the matrix kernels' own bytes.
     assert row["matrix"] > 0 and row["floor"] >= row["matrix"]
     assert row["matrix"] < row["compiled"] < row["eager_memory_bound"] + row["matrix"]
+
+
+@pytest.mark.parametrize("static_shapes, graphs", [(False, 2), (True, 3)])
+def test_static_shapes_compile_each_new_size_on_its_own(static_shapes, graphs):
+    """By default dynamo makes sizes symbolic at the first recompilation, and that graph serves every later size;
+    with static shapes each size gets its own graph with constant sizes."""
+    torch._dynamo.reset()  # forget what other tests compiled for this block class
+    torch.manual_seed(0)
+    unet = torch.nn.Module()
+    unet.block = BasicTransformerBlock(32, 2, 16, cross_attention_dim=24).requires_grad_(False)
+    assert compile_repeated_blocks(unet, static_shapes=static_shapes) == 1
+    assert compile_repeated_blocks(unet, static_shapes=not static_shapes) == 1  # other settings: compiled again
+    assert compile_repeated_blocks(unet, static_shapes=static_shapes) == 1
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for tokens in (16, 32, 48):
+            unet.block(torch.randn(2, tokens, 32), encoder_hidden_states=torch.randn(2, 1, 24))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == graphs
