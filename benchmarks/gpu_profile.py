@@ -4,15 +4,17 @@
     python benchmarks/gpu_profile.py --tiny --frames 8 --size 64       # the same code on the tiny model, CPU
 
 Both steps run the project's default `SpeedOptions` without compilation (or --options NAME=VALUE ..., e.g.
-compile_blocks=true), one warm-up call, then one profiled call. Kernel time is grouped by name into matrix work
-(convolutions, matrix products, attention), memory work (norms, layout copies, elementwise) and the rest, so the
-share of time that runs at tensor-core rates is plain.
+compile_blocks=true compile_static_shapes=true), one warm-up call, one timed call, then one profiled call. Kernel
+time is grouped by name into matrix work (convolutions, matrix products, attention), memory work (norms, layout
+copies, elementwise, inductor's fused kernels) and the rest, so the share of time that runs at tensor-core rates
+is plain; the timed call shows how long the GPU sat idle between kernels.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import defaultdict
 from dataclasses import asdict, replace
 
@@ -27,12 +29,17 @@ from gpu_bench import build_pipeline, build_unet, fake_batch
 from pipelines.generate.guidance import guidance_ramp, guided_model_output
 from pipelines.generate.params import GenerationParams
 
-# First match wins; names are lower-cased kernel names (cuDNN, cuBLAS, PyTorch, Triton on CPU: operator names).
+# First match wins; names are lower-cased kernel names (cuDNN, cuBLAS, PyTorch, inductor's Triton kernels; on the
+# CPU operator names and inductor's C++ kernels). Inductor names a kernel after the operators it fused, so its
+# kernels are told apart by prefix first.
 KINDS = (
+    ("fused reduction (inductor)", ("triton_red", "triton_per")),
+    ("fused pointwise (inductor)", ("triton_poi",)),
+    ("fused other (inductor)", ("triton_", "cpp_fused")),
     ("attention", ("flash", "fmha", "sdpa", "attention")),
     ("layout copy", ("nchwtonhwc", "nhwctonchw", "transpose", "copy_", "cat", "permute")),
     ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit")),
-    ("matrix product", ("gemm", "cutlass", "nvjet", "addmm", "_mm", "matmul", "linear")),
+    ("matrix product", ("gemm", "cutlass", "nvjet", "addmm", "_mm", "::mm", "matmul", "linear")),
     ("norm", ("norm", "welford", "moments")),
     ("elementwise", ("elementwise", "vectorized", "gelu", "silu", "mul", "add", "triton")),
     ("reduction", ("reduce",)),
@@ -47,8 +54,22 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
+def synchronized_ms(run, device: torch.device) -> float:
+    """Wall time of one call of `run`, device work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
 def kernel_times(run, device: torch.device) -> dict:
-    """Profile one call of `run`; device time per kernel kind and the 25 most expensive kernels, in ms."""
+    """Time one call of `run`, then profile another: device time per kernel kind and the 25 most expensive kernels,
+    in ms. `idle_ms`, the call's wall time minus its kernels' time, is where the GPU waited (launches, host work,
+    synchronisation); negative when kernels overlap."""
+    step_ms = synchronized_ms(run, device)
     activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         run()
@@ -65,7 +86,7 @@ def kernel_times(run, device: torch.device) -> dict:
         by_kind[kernel_kind(name)] += ms
     total = sum(by_kind.values())
     top = sorted(per_kernel.items(), key=lambda item: -item[1])[:25]
-    return {"total_ms": round(total, 1),
+    return {"total_ms": round(total, 1), "step_ms": round(step_ms, 1), "idle_ms": round(step_ms - total, 1),
             "by_kind": {kind: {"ms": round(ms, 1), "share": round(ms / total, 3)}
                         for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1])},
             "top_kernels": [{"name": name[:160], "ms": round(ms, 2), "kind": kernel_kind(name)} for name, ms in top]}
@@ -122,7 +143,7 @@ def parse_options(pairs: list[str]) -> SpeedOptions:
             changes[name] = json.loads(value)
         except json.JSONDecodeError:
             changes[name] = value
-    return replace(SpeedOptions(), compile_blocks=False, **changes)
+    return replace(SpeedOptions(), **{"compile_blocks": False, **changes})
 
 
 def main() -> None:
@@ -150,7 +171,8 @@ def main() -> None:
         if part in args.parts:
             torch.manual_seed(0)
             report[part] = run(args, options, device)
-            print(f"\n[{part}] {report[part]['total_ms']} ms of kernels; by kind:", flush=True)
+            row = report[part]
+            print(f"\n[{part}] {row['total_ms']} ms of kernels in a {row['step_ms']} ms call; by kind:", flush=True)
             for kind, row in report[part]["by_kind"].items():
                 print(f"  {kind:15s} {row['ms']:9.1f} ms  {row['share']:.1%}")
             for kernel in report[part]["top_kernels"][:12]:
