@@ -367,3 +367,21 @@ def test_static_shapes_compile_each_new_size_on_its_own(static_shapes, graphs):
         for tokens in (16, 32, 48):
             unet.block(torch.randn(2, tokens, 32), encoder_hidden_states=torch.randn(2, 1, 24))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == graphs
+
+
+def test_profile_options_and_kernel_kinds():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from gpu_profile import kernel_kind, parse_options
+
+    assert parse_options([]) == replace(SpeedOptions(), compile_blocks=False)  # eager defaults
+    options = parse_options(["compile_blocks=true", "compile_static_shapes=true", "conv_layout=channels_first"])
+    assert options == replace(SpeedOptions(), compile_blocks=True, compile_static_shapes=True,
+                              conv_layout="channels_first")
+    # Inductor names kernels after the operators they fused: the prefix decides, not the names inside.
+    assert kernel_kind("triton_poi_fused_add_convolution_mul_3") == "fused pointwise (inductor)"
+    assert kernel_kind("triton_per_fused_native_layer_norm_7") == "fused reduction (inductor)"
+    assert kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16") == "convolution"
+    assert kernel_kind("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_NTN") == "matrix product"
