@@ -36,8 +36,9 @@ class _ZeroGradientFor(torch.autograd.Function):
 def attends_to_one_key(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
                        attention_mask: torch.Tensor | None) -> bool:
     """Whether this call of `attn` is a plain cross-attention to a single key, which the shortcut computes exactly."""
-    return (encoder_hidden_states is not None and encoder_hidden_states.ndim == 3
-            and encoder_hidden_states.shape[1] == 1 and hidden_states.ndim == 3 and attention_mask is None
+    return (encoder_hidden_states is not None and encoder_hidden_states.ndim == 3 and hidden_states.ndim == 3
+            and encoder_hidden_states.shape[1] == 1 and encoder_hidden_states.shape[0] == hidden_states.shape[0]
+            and attention_mask is None
             and attn.spatial_norm is None and attn.group_norm is None and not attn.residual_connection
             and getattr(attn.to_out[1], "p", 0) == 0)  # dropout per token would differ between the tokens
 
