@@ -35,8 +35,8 @@ def signature(value):
     return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
 
 
-def record_block_calls(frames: int, latent: int) -> tuple[torch.nn.Module, dict]:
-    """The bf16 UNet with the default switches, and {call key: [block, args, kwargs, count]} of one guided step."""
+def record_block_calls(frames: int, latent: int) -> dict:
+    """{call key: [block, args, kwargs, count]} of one guided step of the bf16 UNet with the default switches."""
     unet = bf16_unet(frames, EAGER_DEFAULTS).requires_grad_(False)
     calls: dict = {}
 
@@ -56,24 +56,26 @@ def record_block_calls(frames: int, latent: int) -> tuple[torch.nn.Module, dict]
              added_time_ids=torch.randn(2, 3, dtype=dtype), return_dict=False)
     for hook in hooks:
         hook.remove()
-    return unet, calls
+    return calls
 
 
-def random_inputs(recorded, generator: torch.Generator):
-    """Real tensors for recorded signatures: random values, zeros for SVD's all-zero image-only indicator."""
+def random_inputs(recorded_args: tuple, recorded_kwargs: dict, generator: torch.Generator) -> tuple[tuple, dict]:
+    """Real tensors for recorded signatures: random values, but zeros for SVD's all-zero image-only indicator (a
+    random one would blend the ResNet blocks' branches differently)."""
+    def is_signature(value) -> bool:
+        return isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], torch.dtype)
+
     def make(value):
-        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], torch.dtype):
-            shape, dtype = value
-            return torch.randn(shape, generator=generator).to(dtype)
-        return value
-    return tree_map(make, recorded, is_leaf=lambda v: isinstance(v, tuple) and len(v) == 2
-                    and isinstance(v[1], torch.dtype))
+        return torch.randn(value[0], generator=generator).to(value[1]) if is_signature(value) else value
+
+    args, kwargs = tree_map(make, (recorded_args, recorded_kwargs), is_leaf=is_signature)
+    if "image_only_indicator" in kwargs:
+        kwargs["image_only_indicator"] = torch.zeros_like(kwargs["image_only_indicator"])
+    return args, kwargs
 
 
 def measure_call(block: torch.nn.Module, args, kwargs) -> dict[str, int]:
     """Eager memory-bound and matrix bytes, the floor, and the bytes inductor's compiled kernels move, of one call."""
-    if "image_only_indicator" in kwargs:
-        kwargs = {**kwargs, "image_only_indicator": torch.zeros_like(kwargs["image_only_indicator"])}
     counter = TrafficCounter()
     with torch.no_grad(), counter:
         block(*args, **kwargs)
@@ -95,11 +97,11 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 256  # every distinct call compiles its own static graph
     inductor_config.fx_graph_cache = False  # a cache hit would skip the count
     torch.manual_seed(0)
-    _, calls = record_block_calls(args.frames, args.size // 8)
+    calls = record_block_calls(args.frames, args.size // 8)
     generator = torch.Generator().manual_seed(0)
     totals, by_class = collections.Counter(), collections.defaultdict(collections.Counter)
     for index, (key, (block, recorded_args, recorded_kwargs, count)) in enumerate(calls.items(), 1):
-        inputs, kwargs = random_inputs((recorded_args, recorded_kwargs), generator)
+        inputs, kwargs = random_inputs(recorded_args, recorded_kwargs, generator)
         row = measure_call(block, inputs, kwargs)
         moved = ", ".join(f"{name} {value / 1e9:.3f} GB" for name, value in row.items())
         print(f"[{index}/{len(calls)}] {key[0]} x{count}: {moved}", flush=True)

@@ -71,20 +71,19 @@ class OneKeyCrossAttnProcessor(AttnProcessor2_0):
 
 def set_one_key_cross_attention(unet: nn.Module, enabled: bool) -> int:
     """Give every transformer block's cross-attention the one-key shortcut, or diffusers' processor back; returns how
-    many blocks it switched.
+    many blocks the switch covers.
 
     Only the blocks whose `norm2` feeds nothing but `attn2`'s query (diffusers' layer-norm transformer blocks, as in
     SVD) get it, so that norm's parameters may be given a zero gradient.
     """
-    switched = 0
+    covered = 0
     for block in unet.modules():
         if not isinstance(block, (BasicTransformerBlock, TemporalBasicTransformerBlock)) or block.attn2 is None:
             continue
         if getattr(block, "norm_type", "layer_norm") != "layer_norm":
             continue
-        if enabled:
-            block.attn2.set_processor(OneKeyCrossAttnProcessor(block.norm2))
-        elif isinstance(block.attn2.processor, OneKeyCrossAttnProcessor):
-            block.attn2.set_processor(AttnProcessor2_0())
-        switched += 1
-    return switched
+        # A processor already right is kept: compiled blocks are guarded on it, and a new one would recompile them.
+        if enabled != isinstance(block.attn2.processor, OneKeyCrossAttnProcessor):
+            block.attn2.set_processor(OneKeyCrossAttnProcessor(block.norm2) if enabled else AttnProcessor2_0())
+        covered += 1
+    return covered

@@ -42,6 +42,16 @@ def _tiny_unet_template():
     return _TEMPLATE["unet"]
 
 
+def benchmark(name: str):
+    """A module of benchmarks/ (the scripts import one another by bare name, so their folder goes on the path)."""
+    import importlib
+
+    folder = str(Path(__file__).parents[1] / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
 def float64_backward(options, checkpointing: bool, inputs: dict) -> tuple[dict, torch.Tensor]:
     """The tiny UNet prepared for post-tuning with speed `options`, in float64, its trainable weights moved off the
     identity initialisation; runs `inputs` forward and a fixed random weighting of the output backward.

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from diffusers.models.attention import BasicTransformerBlock, TemporalBasicTransformerBlock
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from conftest import _tiny_unet_template, float64_backward, unet_inputs
+from conftest import _tiny_unet_template, benchmark, float64_backward, unet_inputs
 from exvideo import SpeedOptions
 from exvideo.one_key_attention import OneKeyCrossAttnProcessor, set_one_key_cross_attention
 from exvideo.speed import apply_speed
@@ -68,6 +68,9 @@ def test_the_switch_covers_every_transformer_block_and_keeps_the_weights_names()
     assert all(b.attn2.processor.query_norm is b.norm2 for b in blocks)
     assert all(type(b.attn1.processor) is AttnProcessor2_0 for b in blocks)  # self-attention has many keys
     assert sorted(unet.state_dict()) == names
+    processors = [b.attn2.processor for b in blocks]
+    apply_speed(unet, SHORTCUT_ONLY)  # again: the same processors stay
+    assert [b.attn2.processor for b in blocks] == processors
     apply_speed(unet, SpeedOptions.plain())
     assert all(type(b.attn2.processor) is AttnProcessor2_0 for b in blocks)
     assert set_one_key_cross_attention(unet, True) == len(blocks)
@@ -123,14 +126,9 @@ def test_ddp_sees_every_parameter_used_under_the_shortcut(tmp_path):
 
 
 def test_the_shortcut_removes_matrix_work_and_traffic_inside_the_blocks_only():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    from memory_traffic import EAGER_DEFAULTS, count
-
-    shortcut = count(16, size=256)
-    without = count(16, size=256, options=replace(EAGER_DEFAULTS, one_key_cross_attention=False))
+    traffic = benchmark("memory_traffic")
+    shortcut = traffic.count(16, size=256)
+    without = traffic.count(16, size=256, options=replace(traffic.EAGER_DEFAULTS, one_key_cross_attention=False))
     # At 128 frames 512x512: 413.9 -> 400.8 TFLOP and a fused floor of 617 -> 546 GB per guided step.
     assert 0.95 * without["executed_tflop"] < shortcut["executed_tflop"] < 0.99 * without["executed_tflop"]
     assert shortcut["fused_floor_gb"] < 0.92 * without["fused_floor_gb"]

@@ -12,7 +12,7 @@ import torch
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from torch.utils.checkpoint import checkpoint
 
-from conftest import float64_backward, unet_inputs
+from conftest import benchmark, float64_backward, unet_inputs
 from exvideo import LatentBatch, SpeedOptions, added_time_ids, extend_unet, post_tuning_loss, prepare_for_post_tuning
 from exvideo.speed import (
     SAVE_MIN_FLOPS_PER_ELEMENT, ChunkCheckpointedFeedForward, attention_backend, compile_repeated_blocks,
@@ -284,11 +284,7 @@ def test_blocks_compile_by_default_only_on_a_gpu_and_never_under_selective_check
 
 
 def test_memory_prediction_orders_the_checkpointing_policies():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    from train_memory import predict
+    predict = benchmark("train_memory").predict
 
     full, lean, selective = (predict(policy, frames=32, size=128) for policy in ("full", "lean", "selective"))
     # What the defaults rest on (measured on an H200 at 128 frames: 48.5, 34.0 and 62.6 GiB).
@@ -297,11 +293,7 @@ def test_memory_prediction_orders_the_checkpointing_policies():
 
 
 def test_memory_traffic_splits_the_guided_step_at_the_compiled_blocks():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    from memory_traffic import count
+    count = benchmark("memory_traffic").count
 
     small, large = (count(frames, size=256)["gb"] for frames in (16, 32))
     # Most memory-bound work sits in the blocks compile_blocks compiles; the rest (padding, mixers, norms of the
@@ -315,11 +307,7 @@ def test_memory_traffic_splits_the_guided_step_at_the_compiled_blocks():
 
 
 def test_memory_traffic_counts_every_window_of_the_video_decode():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    from memory_traffic import count
+    count = benchmark("memory_traffic").count
 
     # 8 frames are one decode window; 16 frames are windows at 0, 4 and 8 (window 8, stride 4).
     one, three = (count(frames, size=128, part="decode") for frames in (8, 16))
@@ -329,14 +317,9 @@ def test_memory_traffic_counts_every_window_of_the_video_decode():
 
 
 def test_compiled_traffic_counts_what_inductor_fused_against_the_eager_bytes():
-    import sys
-    from pathlib import Path
-
     from torch._inductor import config as inductor_config
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    from compiled_traffic import measure_call
-
+    measure_call = benchmark("compiled_traffic").measure_call
     torch.manual_seed(0)
     block = BasicTransformerBlock(64, 2, 32, cross_attention_dim=24).to(torch.bfloat16).requires_grad_(False)
     tokens, context = torch.randn(2, 256, 64).to(torch.bfloat16), torch.randn(2, 1, 24).to(torch.bfloat16)
@@ -370,12 +353,8 @@ def test_static_shapes_compile_each_new_size_on_its_own(static_shapes, graphs):
 
 
 def test_profile_options_and_kernel_kinds():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    from gpu_profile import kernel_kind, parse_options
-
+    profile = benchmark("gpu_profile")
+    kernel_kind, parse_options = profile.kernel_kind, profile.parse_options
     assert parse_options([]) == replace(SpeedOptions(), compile_blocks=False)  # eager defaults
     options = parse_options(["compile_blocks=true", "compile_static_shapes=true", "conv_layout=channels_first"])
     assert options == replace(SpeedOptions(), compile_blocks=True, compile_static_shapes=True,
