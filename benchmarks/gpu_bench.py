@@ -9,7 +9,8 @@ One run measures, with the same weights throughout:
   (b) one guided UNet step of `LongVideoPipeline` and a whole video (`generate`: CLIP + VAE encode, all steps,
       windowed VAE decode): time and peak memory;
   (c) the plain path (`SpeedOptions.plain()`) as the in-run baseline, and each switch added one at a time;
-  (d) with --parts decode, the whole video's windowed VAE decode alone, eager and with compiled decoder blocks.
+  (d) with --parts decode, the whole video's windowed VAE decode alone, eager and with compiled decoder blocks
+      (speed.compile_decoder), per --compile-modes and --compile-shapes.
 Prints one table per part and writes everything to --json after every measurement, so a run cut short keeps what
 it measured. Model FLOPs are counted once on fake tensors (no recomputation, no guidance duplication counted twice).
 """
@@ -41,7 +42,7 @@ from exvideo import (
     prepare_for_post_tuning, tiny_svd_components,
 )
 from encode_throughput import SVD_VAE, VIT_H
-from exvideo.speed import apply_speed, compile_repeated_blocks, enable_checkpointing, speed_context
+from exvideo.speed import apply_decoder_speed, apply_speed, enable_checkpointing, speed_context
 from pipelines.generate.decode import decode_video
 from pipelines.generate.guidance import guidance_ramp, guided_model_output
 from pipelines.generate.params import GenerationParams
@@ -332,17 +333,22 @@ def fastest(rows: dict[str, dict], allowed=lambda options: True) -> tuple[str, S
     return name, SpeedOptions(**eager[name]["options"])
 
 
-def compiled_variants(name: str, options: SpeedOptions, modes: list[str], shapes: list[str]
-                      ) -> dict[str, SpeedOptions]:
-    """`options` with compiled blocks, once per torch.compile mode and shape setting, in order (each recompiles)."""
-    variants = {}
+def compile_settings(modes: list[str], shapes: list[str]) -> list[tuple[str, str, bool]]:
+    """(label suffix, torch.compile mode, static shapes) for each requested mode and shape setting, in order."""
+    settings = []
     for mode, shape in itertools.product(modes, shapes):
         notes = [note for note in (mode if mode != "default" else "", "static shapes" if shape == "static" else "")
                  if note]
-        label = f"{name} +compiled blocks" + (f" ({', '.join(notes)})" if notes else "")
-        variants[label] = replace(options, compile_blocks=True, compile_mode=mode,
-                                  compile_static_shapes=shape == "static")
-    return variants
+        settings.append((f" ({', '.join(notes)})" if notes else "", mode, shape == "static"))
+    return settings
+
+
+def compiled_variants(name: str, options: SpeedOptions, modes: list[str], shapes: list[str]
+                      ) -> dict[str, SpeedOptions]:
+    """`options` with compiled blocks, once per torch.compile mode and shape setting, in order (each recompiles)."""
+    return {f"{name} +compiled blocks{suffix}": replace(options, compile_blocks=True, compile_mode=mode,
+                                                        compile_static_shapes=static)
+            for suffix, mode, static in compile_settings(modes, shapes)}
 
 
 def compile_allowed(args, started: float) -> bool:
@@ -418,18 +424,30 @@ def time_decode(vae: AutoencoderKLTemporalDecoder, latents: torch.Tensor, args, 
             "difference_to_first": round(difference, 5)}
 
 
-def run_decode(report: Report, args, device, started: float) -> None:
-    """The whole video's VAE decode alone, eager and with the decoder's repeated blocks compiled: a candidate for
-    `compile_blocks`, which compiles only the UNet so far."""
+def decode_inputs(tiny: bool, frames: int, size: int, device: torch.device
+                  ) -> tuple[AutoencoderKLTemporalDecoder, torch.Tensor]:
+    """A random VAE (SVD's, or the tiny one on the CPU; bf16 on a GPU) and seeded latents of a whole video."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    vae = (tiny_svd_components().vae if args.tiny else AutoencoderKLTemporalDecoder(**SVD_VAE)).to(device, dtype)
-    latent = args.size // 8
-    latents = torch.randn(1, args.frames, 4, latent, latent, generator=torch.Generator().manual_seed(0)).to(device)
+    vae = (tiny_svd_components().vae if tiny else AutoencoderKLTemporalDecoder(**SVD_VAE)).to(device, dtype)
+    latent = size // 8
+    latents = torch.randn(1, frames, 4, latent, latent, generator=torch.Generator().manual_seed(0)).to(device)
+    return vae, latents
+
+
+def run_decode(report: Report, args, device, started: float) -> None:
+    """The whole video's VAE decode alone: eager, then with `speed.compile_decoder` once per compile mode and shape
+    setting (each recompiles), as the generation path applies it (`exvideo.speed.apply_decoder_speed`)."""
+    vae, latents = decode_inputs(args.tiny, args.frames, args.size, device)
     outputs: list[torch.Tensor] = []
     report.add("decode", "eager", time_decode(vae, latents, args, device, outputs))
-    if compile_allowed(args, started):
-        compile_repeated_blocks(vae)
-        report.add("decode", "compiled decoder blocks", time_decode(vae, latents, args, device, outputs))
+    for suffix, mode, static in compile_settings(args.compile_modes, args.compile_shapes):
+        if not compile_allowed(args, started):
+            return
+        options = SpeedOptions(compile_blocks=False, compile_decoder=True, compile_mode=mode,
+                               compile_static_shapes=static)
+        apply_decoder_speed(vae, options)
+        report.add("decode", f"compiled decoder blocks{suffix}",
+                   {"options": asdict(options), **time_decode(vae, latents, args, device, outputs)})
 
 
 def print_tables(data: dict) -> None:

@@ -1,10 +1,11 @@
-"""Where the GPU time of a guided UNet step and a training step goes, by kernel kind.
+"""Where the GPU time of a guided UNet step, a training step and a whole video's VAE decode goes, by kernel kind.
 
     python benchmarks/gpu_profile.py --json gpu_profile.json           # SVD-XT shapes, random weights, one GPU
     python benchmarks/gpu_profile.py --tiny --frames 8 --size 64       # the same code on the tiny model, CPU
 
-Both steps run the project's default `SpeedOptions` without compilation (or --options NAME=VALUE ..., e.g.
-compile_blocks=true compile_static_shapes=true), one warm-up call, one timed call, then one profiled call. Kernel
+Each part runs the project's default `SpeedOptions` without compilation (or --options NAME=VALUE ..., e.g.
+compile_blocks=true compile_static_shapes=true, or compile_decoder=true for the decode), one warm-up call, one timed
+call, then one profiled call. Kernel
 time is grouped by name into matrix work (convolutions, matrix products, attention), memory work (norms, layout
 copies, elementwise, inductor's fused kernels) and the rest, so the share of time that runs at tensor-core rates
 is plain; the timed call shows how long the GPU sat idle between kernels.
@@ -24,8 +25,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from exvideo import SpeedOptions, post_tuning_loss, prepare_for_post_tuning
-from exvideo.speed import speed_context
-from gpu_bench import build_pipeline, build_unet, fake_batch
+from exvideo.speed import apply_decoder_speed, speed_context
+from gpu_bench import build_pipeline, build_unet, decode_inputs, fake_batch
+from pipelines.generate.decode import decode_video
 from pipelines.generate.guidance import guidance_ramp, guided_model_output
 from pipelines.generate.params import GenerationParams
 
@@ -134,6 +136,18 @@ def profile_training_step(args, options: SpeedOptions, device: torch.device) -> 
     return result
 
 
+def profile_decode(args, options: SpeedOptions, device: torch.device) -> dict:
+    vae, latents = decode_inputs(args.tiny, args.frames, args.size, device)
+    apply_decoder_speed(vae, options)
+    params = GenerationParams()
+
+    def decode() -> None:
+        decode_video(vae, latents, params.decode_window, params.decode_stride)
+
+    decode()
+    return kernel_times(decode, device)
+
+
 def parse_options(pairs: list[str]) -> SpeedOptions:
     """NAME=VALUE pairs over the default eager options (values as JSON, or bare strings)."""
     changes = {}
@@ -152,7 +166,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=128)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--options", nargs="*", default=[], help="NAME=VALUE over the default SpeedOptions")
-    parser.add_argument("--parts", nargs="+", default=["step", "train"], choices=["step", "train"])
+    parser.add_argument("--parts", nargs="+", default=["step", "train"], choices=["step", "train", "decode"])
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -167,7 +181,7 @@ def main() -> None:
             with open(args.json, "w") as handle:
                 json.dump(report, handle, indent=1)
 
-    for part, run in (("step", profile_guided_step), ("train", profile_training_step)):
+    for part, run in (("step", profile_guided_step), ("train", profile_training_step), ("decode", profile_decode)):
         if part in args.parts:
             torch.manual_seed(0)
             report[part] = run(args, options, device)

@@ -21,6 +21,7 @@ from exvideo.speed import (
 from exvideo.one_key_attention import OneKeyCrossAttnProcessor
 from exvideo.unet import reflect_conv3d, reflect_conv3d_channels_last
 from pipelines.generate import GenerationParams, load_pipeline
+from pipelines.generate.decode import decode_video
 from pipelines.generate.guidance import Conditioning, guided_model_output
 from pipelines.train.config import TrainConfig
 
@@ -228,6 +229,21 @@ def test_compile_repeated_blocks_wraps_exactly_the_repeated_blocks_and_keeps_the
     # One block through inductor (compiling the whole tiny UNet takes minutes on two cores).
     tokens = torch.randn(6, 16, temporal.norm1.normalized_shape[0], generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(temporal(tokens, num_frames=6), eager(tokens, num_frames=6), rtol=1e-4, atol=1e-5)
+
+
+def test_compile_decoder_compiles_the_vae_decoders_blocks_in_the_generation_path(tiny_svd_dir):
+    pipe = load_pipeline(tiny_svd_dir, method="exvideo", table_frames=32, speed=PLAIN)
+    eager = copy.deepcopy(pipe.vae)
+    latents = torch.randn(1, 10, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pipe.set_speed(SpeedOptions(compile_decoder=True))  # on the CPU compile_blocks "gpu" leaves the UNet eager
+    decoder_blocks = [m for m in pipe.vae.decoder.modules() if type(m).__name__ == "SpatioTemporalResBlock"]
+    assert decoder_blocks and all(m.compiled_with == ("default", False) for m in decoder_blocks)
+    assert all(getattr(m, "compiled_with", None) is None for m in pipe.unet.modules())
+    assert all(getattr(m, "compiled_with", None) is None for m in pipe.vae.encoder.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(decode_video(pipe.vae, latents), decode_video(eager, latents),
+                                   rtol=1e-4, atol=1e-5)
+    assert not PLAIN.compile_decoder and not SpeedOptions().compile_decoder  # off until a GPU shows it pays
 
 
 def test_a_compiled_block_trains_under_lean_checkpointing_like_its_eager_copy():

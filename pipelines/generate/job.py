@@ -182,10 +182,13 @@ def run_generate_job(cfg: GenerateJobConfig) -> dict:
         workers, gpus = _worker_resources(cfg)
         items = [{"id": r.id, "request": json.dumps({**asdict(r), "params": r.params.model_dump(mode="json")})}
                  for r in pending]
-        if compiles_on(cfg.speed, "cuda" if gpus else "cpu"):
+        compiled = [name for name, on in (("the UNet's", compiles_on(cfg.speed, "cuda" if gpus else "cpu")),
+                                          ("the VAE decoder's", cfg.speed.compile_decoder)) if on]
+        if compiled:
             # The workers' own logs do not reach this console, and the bar would sit still meanwhile.
-            print("each worker compiles the UNet's blocks before its first video (about 2 min at 128 frames on a "
-                  "GPU, less with a warm TORCHINDUCTOR_CACHE_DIR); speed.compile_blocks=false skips it", flush=True)
+            print(f"each worker compiles {' and '.join(compiled)} blocks before its first video (about 2 min for "
+                  "the UNet at 128 frames on a GPU, less with a warm TORCHINDUCTOR_CACHE_DIR); "
+                  "speed.compile_blocks=false and speed.compile_decoder=false skip it", flush=True)
         results = ray.data.from_items(items).map_batches(
             VideoMaker, batch_size=1,
             fn_constructor_kwargs={"config_json": cfg.model_dump_json(), "device": "cuda" if gpus else "cpu"},

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers import StableVideoDiffusionPipeline
 
 from exvideo import SpeedOptions, extended_num_frames
-from exvideo.speed import apply_speed, speed_context
+from exvideo.speed import apply_decoder_speed, apply_speed, speed_context
 from pipelines.generate.decode import decode_video
 from pipelines.generate.guidance import Conditioning, guidance_ramp, guided_model_output
 from pipelines.generate.latents import renormalize_frames
@@ -53,8 +53,10 @@ class LongVideoPipeline(StableVideoDiffusionPipeline):
     speed: SpeedOptions = SpeedOptions()
 
     def set_speed(self, options: SpeedOptions) -> None:
-        """Switch how the UNet computes (exvideo.speed); the videos stay the same within bf16 rounding."""
+        """Switch how the UNet and the VAE decoder compute (exvideo.speed); the videos stay the same within bf16
+        rounding."""
         apply_speed(self.unet, options)
+        apply_decoder_speed(self.vae, options)
         self.speed = options
 
     def check_method(self, params: GenerationParams) -> None:
