@@ -1,13 +1,16 @@
-"""Bytes the compiled blocks of a guided step move, against their eager bytes and the fused floor.
+"""Bytes the compiled code of a guided step moves, against its eager bytes and the fused floor.
 
     python benchmarks/compiled_traffic.py                  # SVD-XT widths, 512x512, 2 frames, both guidance branches
     python benchmarks/compiled_traffic.py --frames 4 --json compiled_traffic.json
+    python benchmarks/compiled_traffic.py --compile-scope steps     # the ExVideo transformers' steps compiled whole
 
-Records every call of the repeated blocks (`speed.compile_blocks`) in one guided step on fake tensors: each block's
-class, weights' shapes and inputs' shapes. For each distinct call it then runs one such block eagerly on random
-bf16 inputs under `memory_traffic.TrafficCounter` (eager bytes, matrix bytes, the floor), and compiles it with
-inductor on this CPU, static shapes, which reports the bytes its kernels read and write: fused kernels and the
-matrix kernels it calls. Totals weight each call by how often the step makes it.
+Records every call of what `speed.compile_blocks` compiles in one guided step on fake tensors: the repeated blocks
+or, with `--compile-scope steps`, the ExVideo transformers' steps (around their blocks) and the ResNet blocks; each
+call's function, weights' shapes and inputs' shapes. For each distinct call it then runs one such call eagerly on
+random bf16 inputs under `memory_traffic.TrafficCounter` (eager bytes, matrix bytes, the floor), and compiles it
+with inductor on this CPU, static shapes, which reports the bytes its kernels read and write: fused kernels and the
+matrix kernels it calls. Totals weight each call by how often the step makes it; the whole step adds the eager
+bytes of what runs outside the compiled code (`memory_traffic.count`).
 
 Inductor's scheduler decides fusion the same way for its CPU and GPU backends; the kernels themselves differ. So the
 compiled bytes say how much traffic compiling leaves, not how fast a GPU moves it. Frames only scale the token
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
+from dataclasses import replace
 
 import torch
 from torch._inductor import config as inductor_config
@@ -26,7 +31,9 @@ from torch._inductor import metrics
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
-from exvideo.speed import REPEATED_BLOCKS
+from exvideo.speed import REPEATED_BLOCKS, CompileScope
+from exvideo.unet import ExVideoTransformerSpatioTemporalModel
+import memory_traffic
 from memory_traffic import EAGER_DEFAULTS, TrafficCounter, bf16_unet
 
 
@@ -35,27 +42,56 @@ def signature(value):
     return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
 
 
-def record_block_calls(frames: int, latent: int) -> dict:
-    """{call key: [block, args, kwargs, count]} of one guided step of the bf16 UNet with the default switches."""
+def record_compiled_calls(frames: int, latent: int, scope: CompileScope) -> dict:
+    """{call key: [function, args, kwargs, count]} of one guided step of the bf16 UNet with the default switches:
+    the outermost calls that `compile_scope` `scope` compiles."""
     unet = bf16_unet(frames, EAGER_DEFAULTS).requires_grad_(False)
     calls: dict = {}
+    depth = [0]
 
-    def record(block, args, kwargs):
-        key = (type(block).__name__, tuple(tuple(p.shape) for p in block.parameters()),
-               tree_map(signature, (args, kwargs)).__repr__())
+    def record(name: str, function, weights: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if depth[0]:
+            return
+        shapes = tuple(tuple(p.shape) for p in weights.parameters())
+        key = (name, shapes, tree_map(signature, (args, kwargs)).__repr__())
         if key not in calls:
-            calls[key] = [block, tree_map(signature, args), tree_map(signature, kwargs), 0]
+            calls[key] = [function, tree_map(signature, args), tree_map(signature, kwargs), 0]
         calls[key][3] += 1
 
-    hooks = [m.register_forward_pre_hook(record, with_kwargs=True)
-             for m in unet.modules() if type(m).__name__ in REPEATED_BLOCKS]
+    def enter_block(block, args, kwargs):
+        record(type(block).__name__, block, block, args, kwargs)
+        depth[0] += 1
+
+    def leave_block(*_):
+        depth[0] -= 1
+
+    def recorded(unit):
+        def run(transformer, block, *args):
+            record(unit.__name__, functools.partial(unit, transformer, block), block, args, {})
+            depth[0] += 1
+            try:
+                return unit(transformer, block, *args)
+            finally:
+                depth[0] -= 1
+        return run
+
+    hooks, transformers = [], []
+    for module in unet.modules():
+        if type(module).__name__ in REPEATED_BLOCKS:
+            hooks += [module.register_forward_pre_hook(enter_block, with_kwargs=True),
+                      module.register_forward_hook(leave_block)]
+        if scope == "steps" and isinstance(module, ExVideoTransformerSpatioTemporalModel):
+            module.units = tuple(recorded(unit) for unit in module.units)
+            transformers.append(module)
     dtype = torch.bfloat16
     with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
         unet(torch.randn(2, frames, 8, latent, latent, dtype=dtype), torch.ones(1),
              encoder_hidden_states=torch.randn(2, 1, unet.config.cross_attention_dim, dtype=dtype),
              added_time_ids=torch.randn(2, 3, dtype=dtype), return_dict=False)
-    for hook in hooks:
+    for hook in hooks:  # the recorded calls run again to be measured: without recording them anew
         hook.remove()
+    for transformer in transformers:
+        del transformer.units
     return calls
 
 
@@ -74,15 +110,15 @@ def random_inputs(recorded_args: tuple, recorded_kwargs: dict, generator: torch.
     return args, kwargs
 
 
-def measure_call(block: torch.nn.Module, args, kwargs) -> dict[str, int]:
+def measure_call(function, args, kwargs) -> dict[str, int]:
     """Eager memory-bound and matrix bytes, the floor, and the bytes inductor's compiled kernels move, of one call."""
     counter = TrafficCounter()
     with torch.no_grad(), counter:
-        block(*args, **kwargs)
+        function(*args, **kwargs)
     matrix = counter.bytes[("all", "matrix")]
     before = metrics.num_bytes_accessed
     with torch.no_grad():
-        torch.compile(block, dynamic=False)(*args, **kwargs)
+        torch.compile(function, dynamic=False)(*args, **kwargs)
     return {"eager_memory_bound": counter.bytes[("all", "memory-bound")], "matrix": matrix,
             "floor": matrix + counter.group_norm_inputs, "compiled": metrics.num_bytes_accessed - before}
 
@@ -91,25 +127,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=2)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--compile-scope", choices=["blocks", "steps"], default="blocks")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch._logging.set_logs(inductor_metrics=True)  # inductor counts a graph's bytes only with this log on
     torch._dynamo.config.recompile_limit = 256  # every distinct call compiles its own static graph
     inductor_config.fx_graph_cache = False  # a cache hit would skip the count
     torch.manual_seed(0)
-    calls = record_block_calls(args.frames, args.size // 8)
+    calls = record_compiled_calls(args.frames, args.size // 8, args.compile_scope)
     generator = torch.Generator().manual_seed(0)
     totals, by_class = collections.Counter(), collections.defaultdict(collections.Counter)
-    for index, (key, (block, recorded_args, recorded_kwargs, count)) in enumerate(calls.items(), 1):
+    for index, (key, (function, recorded_args, recorded_kwargs, count)) in enumerate(calls.items(), 1):
         inputs, kwargs = random_inputs(recorded_args, recorded_kwargs, generator)
-        row = measure_call(block, inputs, kwargs)
+        row = measure_call(function, inputs, kwargs)
         moved = ", ".join(f"{name} {value / 1e9:.3f} GB" for name, value in row.items())
         print(f"[{index}/{len(calls)}] {key[0]} x{count}: {moved}", flush=True)
         for name, moved in row.items():
             totals[name] += count * moved
             by_class[key[0]][name] += count * moved
+    options = replace(EAGER_DEFAULTS, compile_scope=args.compile_scope)
+    outside = memory_traffic.count(args.frames, args.size, "guided", options)["gb"]
+    outside_gb = outside["outside blocks, matrix"] + outside["outside blocks, memory-bound"]
     result = {
-        "frames": args.frames, "size": args.size, "distinct_calls": len(calls),
+        "frames": args.frames, "size": args.size, "compile_scope": args.compile_scope, "distinct_calls": len(calls),
+        # The whole step: the compiled code's bytes plus the eager bytes of everything outside it.
+        "step_gb": round(totals["compiled"] / 1e9 + outside_gb, 2), "outside_eager_gb": round(outside_gb, 2),
         "gb": {name: round(moved / 1e9, 2) for name, moved in totals.items()},
         "gb_by_class": {cls: {name: round(moved / 1e9, 2) for name, moved in row.items()}
                         for cls, row in by_class.items()},

@@ -343,12 +343,13 @@ def compile_settings(modes: list[str], shapes: list[str]) -> list[tuple[str, str
     return settings
 
 
-def compiled_variants(name: str, options: SpeedOptions, modes: list[str], shapes: list[str]
+def compiled_variants(name: str, options: SpeedOptions, modes: list[str], shapes: list[str], scopes: list[str]
                       ) -> dict[str, SpeedOptions]:
-    """`options` with compiled blocks, once per torch.compile mode and shape setting, in order (each recompiles)."""
-    return {f"{name} +compiled blocks{suffix}": replace(options, compile_blocks=True, compile_mode=mode,
-                                                        compile_static_shapes=static)
-            for suffix, mode, static in compile_settings(modes, shapes)}
+    """`options` compiled once per torch.compile mode, shape setting and compile scope, in order (each recompiles,
+    except that blocks compiled once stay compiled when the steps around them compile too)."""
+    return {f"{name} +compiled {scope}{suffix}": replace(options, compile_blocks=True, compile_mode=mode,
+                                                         compile_static_shapes=static, compile_scope=scope)
+            for suffix, mode, static in compile_settings(modes, shapes) for scope in scopes}
 
 
 def compile_allowed(args, started: float) -> bool:
@@ -372,7 +373,7 @@ def run_training(report: Report, args, device, flops: dict, peak: float | None, 
         return
     # Selective checkpointing's policy cannot see inside compiled blocks: compile the fastest of the others.
     best_name, best = fastest(report.data["train"], lambda options: options.checkpointing != "selective")
-    compiled = compiled_variants(best_name, best, args.compile_modes, args.compile_shapes)
+    compiled = compiled_variants(best_name, best, args.compile_modes, args.compile_shapes, args.compile_scopes)
     measure_variants(report, "train", compiled, None, measure, flops["train_step"], peak, device)
 
 
@@ -396,7 +397,7 @@ def run_generation(report: Report, args, device, flops: dict, peak: float | None
                    {"options": asdict(best), **time_video(pipeline, best, image, params, device)})
     if not compile_allowed(args, started):
         return
-    compiled = compiled_variants(best_name, best, args.compile_modes, args.compile_shapes)
+    compiled = compiled_variants(best_name, best, args.compile_modes, args.compile_shapes, args.compile_scopes)
     measure_variants(report, "unet_step", compiled, None, measure, flops["guided_unet_step"], peak, device)
     if "compiled" in args.videos:  # in the last mode compiled, which the blocks now hold
         name, options = list(compiled.items())[-1]
@@ -491,6 +492,8 @@ def main() -> None:
                         choices=["default", "max-autotune-no-cudagraphs"], help="a compiled row per torch.compile mode")
     parser.add_argument("--compile-shapes", nargs="+", default=["auto"], choices=["auto", "static"],
                         help="and per shape setting (speed.compile_static_shapes)")
+    parser.add_argument("--compile-scopes", nargs="+", default=["blocks"], choices=["blocks", "steps"],
+                        help="and per compile scope (speed.compile_scope)")
     parser.add_argument("--budget-s", type=float, default=420, help="skip compilation once the run is this old")
     parser.add_argument("--json", help="write the results here (after every measurement)")
     parser.add_argument("--flops-cache", help="JSON file that keeps the model FLOPs between runs of one shape")

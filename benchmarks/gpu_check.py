@@ -7,7 +7,8 @@ Same weights and inputs for every path. Each bf16 path is compared with a float3
 optimised path passes when its error is at most 1.5x the plain bf16 path's error plus 5e-3, i.e. it adds no error
 beyond bf16 rounding. Checked: the guided UNet output (batched guidance, channels-last convolution, one-key
 cross-attention, each attention backend) and the training loss and gradients (checkpointing policies, channels-last
-convolution, one-key cross-attention, attention); with --compile also both paths with compiled blocks.
+convolution, one-key cross-attention, attention); with --compile also both paths with compiled blocks and with
+compiled steps (speed.compile_scope).
 Prints one table, writes JSON with --json, and exits 1 if any check fails.
 """
 
@@ -48,6 +49,12 @@ def unet_output(unet, options: SpeedOptions, latents, cond: Conditioning, ramp) 
                                    options.batched_guidance).float()
 
 
+def compiled_variants(eager: SpeedOptions) -> dict[str, SpeedOptions]:
+    """`eager` compiled per block, then per ExVideo transformer step; last, since compiled blocks stay compiled."""
+    return {"compiled blocks": replace(eager, compile_blocks=True),
+            "compiled steps": replace(eager, compile_blocks=True, compile_scope="steps")}
+
+
 def check_generation(args, device, compiled: bool) -> list[dict]:
     pipeline = build_pipeline(args.tiny, args.frames, device, torch.bfloat16 if args.bf16 else None)
     unet, dtype = pipeline.unet, pipeline.unet.dtype
@@ -74,7 +81,7 @@ def check_generation(args, device, compiled: bool) -> list[dict]:
                                       attention=args.attention[-1] if args.attention else "auto"),
     }
     if compiled:
-        variants["compiled blocks"] = replace(variants["all eager switches"], compile_blocks=True)
+        variants.update(compiled_variants(variants["all eager switches"]))
     rows = [{"check": "guided UNet output, plain bf16", "error": plain_error}]
     for name, options in selected(variants, args.only).items():
         try:
@@ -127,8 +134,8 @@ def check_training(args, device, compiled: bool) -> list[dict]:
         "all eager switches": replace(SpeedOptions(), compile_blocks=False,
                                       attention=args.attention[-1] if args.attention else "auto"),
     }
-    if compiled:  # last: compilation cannot be undone
-        variants["compiled blocks"] = replace(variants["all eager switches"], compile_blocks=True)
+    if compiled:
+        variants.update(compiled_variants(variants["all eager switches"]))
     for name, options in selected(variants, args.only).items():
         try:
             loss, grads = loss_and_grads(unet, trainable, options, batch, device, bf16)

@@ -11,8 +11,9 @@ Counted on fake tensors, so it runs on any machine in seconds, for the project's
 inputs and outputs, and splits them two ways:
   - matrix work (convolutions, matrix products, attention, and their backward) or memory-bound work (norms,
     elementwise, copies, casts);
-  - for the guided step, inside or outside the repeated blocks that `speed.compile_blocks` compiles (not for
-    training, whose backward runs outside any module's forward).
+  - for the guided step, inside or outside what `speed.compile_blocks` compiles: the repeated blocks or, with
+    --compile-scope steps, the ExVideo transformers' steps around them and the ResNet blocks (not for training,
+    whose backward runs outside any module's forward).
 Views move nothing and are not counted.
 
 The floor: cuDNN and cuBLAS kernels are opaque to the compiler, so even perfect fusion of everything between them
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+from dataclasses import replace
 
 import torch
 from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
@@ -36,7 +38,8 @@ from torch.utils._pytree import tree_leaves
 
 from encode_throughput import SVD_VAE
 from exvideo import LatentBatch, added_time_ids, extend_unet, freeze_for_post_tuning, post_tuning_loss
-from exvideo.speed import REPEATED_BLOCKS, SpeedOptions, apply_speed, enable_checkpointing
+from exvideo.speed import REPEATED_BLOCKS, CompileScope, SpeedOptions, apply_speed, enable_checkpointing
+from exvideo.unet import ExVideoTransformerSpatioTemporalModel
 from gpu_bench import register_cpu_attention_flops
 from pipelines.generate.decode import decode_video
 from pipelines.generate.params import GenerationParams
@@ -87,12 +90,25 @@ class TrafficCounter(TorchDispatchMode):
             self.group_norm_inputs += tensor_bytes(args[0])
         return out
 
-    def track_blocks(self, unet: torch.nn.Module) -> None:
-        """Count operators inside the repeated blocks of `unet` apart from the others."""
+    def track_blocks(self, unet: torch.nn.Module, scope: CompileScope = "blocks") -> None:
+        """Count operators inside what `speed.compile_scope` `scope` compiles in `unet` apart from the others."""
         self.tracking = True
         for block in (m for m in unet.modules() if type(m).__name__ in REPEATED_BLOCKS):
             block.register_forward_pre_hook(lambda *_: setattr(self, "block_depth", self.block_depth + 1))
             block.register_forward_hook(lambda *_: setattr(self, "block_depth", self.block_depth - 1))
+        if scope == "steps":
+            for transformer in (m for m in unet.modules() if isinstance(m, ExVideoTransformerSpatioTemporalModel)):
+                transformer.units = tuple(self.inside(unit) for unit in transformer.units)
+
+    def inside(self, unit):
+        """`unit`, its operators counted as inside the compiled regions."""
+        def run(*args):
+            self.block_depth += 1
+            try:
+                return unit(*args)
+            finally:
+                self.block_depth -= 1
+        return run
 
 
 EAGER_DEFAULTS = SpeedOptions(compile_blocks=False)
@@ -113,7 +129,7 @@ def bf16_unet(frames: int, options: SpeedOptions) -> UNetSpatioTemporalCondition
 
 def guided_step(counter: TrafficCounter, frames: int, latent: int, options: SpeedOptions) -> None:
     unet = bf16_unet(frames, options).requires_grad_(False)
-    counter.track_blocks(unet)
+    counter.track_blocks(unet, options.compile_scope)
     dtype = torch.bfloat16
     with torch.no_grad(), counter:
         unet(torch.randn(2, frames, 8, latent, latent, dtype=dtype), torch.ones(1),
@@ -161,7 +177,7 @@ def count(frames: int, size: int, part: str = "guided", options: SpeedOptions = 
     floor = matrix + counter.group_norm_inputs
     path = "plain" if options == SpeedOptions.plain() else "defaults"
     return {
-        "part": part, "frames": frames, "size": size, "path": path,
+        "part": part, "frames": frames, "size": size, "path": path, "compile_scope": options.compile_scope,
         "executed_tflop": round(flops.get_total_flops() / 1e12, 1), "gb": gigabytes,
         "outside_blocks_memory_bound_by_op": {op: round(moved / 1e9, 1)
                                               for op, moved in counter.outside_by_op.most_common(6)},
@@ -176,8 +192,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--part", choices=list(PARTS), default="guided")
     parser.add_argument("--plain", action="store_true", help="the plain path instead of the eager defaults")
+    parser.add_argument("--compile-scope", choices=["blocks", "steps"], default="blocks",
+                        help="what counts as inside the compiled code (speed.compile_scope)")
     args = parser.parse_args()
-    options = SpeedOptions.plain() if args.plain else EAGER_DEFAULTS
+    options = SpeedOptions.plain() if args.plain else replace(EAGER_DEFAULTS, compile_scope=args.compile_scope)
     print(json.dumps(count(args.frames, args.size, args.part, options), indent=1))
 
 

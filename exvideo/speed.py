@@ -28,6 +28,7 @@ ConvLayout = Literal["channels_last", "channels_first"]
 Attention = Literal["auto", "flash", "cudnn", "efficient", "math"]
 Checkpointing = Literal["full", "selective", "lean"]
 CompileMode = Literal["default", "max-autotune-no-cudagraphs"]
+CompileScope = Literal["blocks", "steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,13 @@ class SpeedOptions:
         new width anyway (19 graphs for the 22 distinct calls of an SVD-XT guided step; static: 22, and no longer to
         compile on the CPU). Suits runs of one clip size: each new frame count or resolution compiles every block
         again. Not measured on a GPU yet, hence not the default.
+    compile_scope: what each compiled graph holds. "blocks": diffusers' repeated blocks only. "steps": in every
+        ExVideo transformer, the two steps each block pair runs as (exvideo.unet): the spatial one with the entry
+        group norm and projection, and the temporal one with the position-embedding add, the reflect-padded 3D
+        convolution and the mixer, each compiled whole around its block, so the work between blocks fuses too
+        (eager it moves 131 GB per guided step at 128 frames 512x512, benchmarks/memory_traffic.py). Applies to
+        generation and to lean-checkpointed training; full checkpointing runs the compiled blocks one by one.
+        Not measured on a GPU yet, hence not the default.
     compile_decoder: in generation, also torch.compile the VAE decoder's repeated blocks (its spatio-temporal ResNet
         blocks), in `compile_mode` and with `compile_static_shapes`. The windowed decode of a 128-frame 512x512 video
         took 7.6-9.4 s eager on an H200, about four times its fused floor; compiled, not measured yet, hence off.
@@ -89,6 +97,7 @@ class SpeedOptions:
     compile_blocks: bool | Literal["gpu"] = "gpu"
     compile_mode: CompileMode = "default"
     compile_static_shapes: bool = False
+    compile_scope: CompileScope = "blocks"
     compile_decoder: bool = False
     batched_guidance: bool = True
     one_key_cross_attention: bool = True
@@ -209,24 +218,29 @@ def set_conv_layout(unet: nn.Module, layout: ConvLayout) -> None:
             transformer.conv_layout = layout
 
 
-def compile_repeated_blocks(model: nn.Module, mode: CompileMode = "default", static_shapes: bool = False) -> int:
+def compile_repeated_blocks(model: nn.Module, mode: CompileMode = "default", static_shapes: bool = False,
+                            scope: CompileScope = "blocks") -> int:
     """torch.compile each repeated block of `model` (a UNet, or a VAE's temporal decoder) in place, in
     torch.compile's `mode`, with symbolic sizes after a block class's first recompilation or, with `static_shapes`,
-    none; returns how many blocks it newly compiled.
+    none; with `scope` "steps" also each ExVideo transformer's two steps around their blocks (`SpeedOptions`).
+    Returns how many blocks and transformers it newly compiled.
 
     Instances of a class share compiled code. Shapes differ between blocks (channels, resolution), so after the
     first recompilation dynamo makes the changing sizes symbolic and one graph serves the blocks of the same weight
     shapes. Blocks already compiled with these settings are left as they are, so applying the same options again
-    compiles nothing.
+    compiles nothing. A compiled step calls its block's compiled code inlined: one graph for the whole step.
     """
     settings = (mode, static_shapes)
+    dynamic = False if static_shapes else None
     blocks = [m for m in model.modules()
               if type(m).__name__ in REPEATED_BLOCKS and getattr(m, "compiled_with", None) != settings]
-    if not blocks:
-        return 0
-    logger.warning("compiling %d %s blocks with torch.compile: the first call of each new shape waits for it "
-                   "(minutes at full size); speed.compile_blocks=false and compile_decoder=false skip it",
-                   len(blocks), type(model).__name__)
+    transformers = [m for m in model.modules() if isinstance(m, ExVideoTransformerSpatioTemporalModel)
+                    and getattr(m, "compiled_with", None) != (settings if scope == "steps" else None)]
+    if blocks or (transformers and scope == "steps"):
+        logger.warning("compiling %d %s blocks%s with torch.compile: the first call of each new shape waits for it "
+                       "(minutes at full size); speed.compile_blocks=false and compile_decoder=false skip it",
+                       len(blocks), type(model).__name__,
+                       f" and the steps of {len(transformers)} transformers" if scope == "steps" else "")
     # Every up/down level gives a block class new shapes; let it recompile rather than silently fall back to eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     # Under DDP (training on several workers) dynamo would split each compiled block at gradient-bucket boundaries;
@@ -234,9 +248,19 @@ def compile_repeated_blocks(model: nn.Module, mode: CompileMode = "default", sta
     # 'meta'"), and blocks this small gain nothing from overlapping their all-reduce inside a block.
     torch._dynamo.config.optimize_ddp = False
     for block in blocks:
-        block.compile(mode=mode, dynamic=False if static_shapes else None)
+        block.compile(mode=mode, dynamic=dynamic)
         block.compiled_with = settings
-    return len(blocks)
+    if scope == "steps" and transformers:
+        # Functions of the transformer, compiled once for all of them, so instances of one shape share a graph.
+        units = tuple(torch.compile(unit, mode=mode, dynamic=dynamic)
+                      for unit in ExVideoTransformerSpatioTemporalModel.units)
+    for transformer in transformers:
+        if scope == "steps":
+            transformer.units, transformer.compiled_with = units, settings
+        else:  # back to the eager steps (the class's), which call the compiled blocks
+            transformer.__dict__.pop("units", None)
+            transformer.__dict__.pop("compiled_with", None)
+    return len(blocks) + (len(transformers) if scope == "steps" else 0)
 
 
 def compiles_on(options: SpeedOptions, device_type: str, selective_checkpointing: bool = False) -> bool:
@@ -269,7 +293,7 @@ def apply_speed(unet: nn.Module, options: SpeedOptions) -> None:
     set_conv_layout(unet, options.conv_layout)
     set_one_key_cross_attention(unet, options.one_key_cross_attention)
     if compiles_blocks(unet, options):
-        compile_repeated_blocks(unet, options.compile_mode, options.compile_static_shapes)
+        compile_repeated_blocks(unet, options.compile_mode, options.compile_static_shapes, options.compile_scope)
 
 
 def apply_decoder_speed(vae: nn.Module, options: SpeedOptions) -> None:

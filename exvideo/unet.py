@@ -16,6 +16,8 @@ exactly what the base UNet computes for any clip of at most 25 frames.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from diffusers import UNetSpatioTemporalConditionModel
@@ -97,11 +99,26 @@ def reflect_conv3d_channels_last(conv: nn.Conv3d, video: torch.Tensor) -> torch.
 def reflect_pad_channels_last(video: torch.Tensor) -> torch.Tensor:
     """Pad `[B, T, H, W, C]` by 1 on T, H and W: reflect (index 1 and n-2), or replicate a dimension of size 1.
 
-    One copy of the video into a padded buffer plus thin copies of its faces, where concatenating once per
-    dimension would copy the whole video three times forward and more in backward; this runs outside the compiled
-    blocks (benchmarks/memory_traffic.py).
+    Eager: one copy of the video into a padded buffer plus thin copies of its faces, where concatenating once per
+    dimension would copy the whole video three times forward and more in backward (benchmarks/memory_traffic.py).
+    Inside compiled code (`speed.compile_scope` "steps"): a gather along each dimension, which inductor fuses into
+    one kernel with the position-embedding add before it, where the buffer's in-place face copies would each
+    become a copy of the whole buffer.
     """
+    if torch.compiler.is_compiling():
+        return gather_pad_channels_last(video)
     return _ReflectPadChannelsLast.apply(video)
+
+
+def gather_pad_channels_last(video: torch.Tensor) -> torch.Tensor:
+    """`reflect_pad_channels_last` as one gather per padded dimension (the form compiled code fuses)."""
+    for dim in (1, 2, 3):
+        size = video.shape[dim]
+        # Source of each padded position: 1, 0, 1, ..., n-1, n-2 (reflect), or 0, 0, 0 for n = 1 (replicate).
+        index = torch.arange(-1, size + 1, device=video.device).abs()
+        index = torch.where(index > size - 1, 2 * (size - 1) - index, index).clamp(0, size - 1)
+        video = video.index_select(dim, index)
+    return video
 
 
 def _mirror_sources(size: int) -> tuple[int, int]:
@@ -159,6 +176,9 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
     conv_layout: str = "channels_last"
     # How forward is cut into checkpointed units (exvideo.speed.enable_checkpointing): "blocks" or "lean".
     checkpoint_units: str = "blocks"
+    # The two units each block pair runs as, unless checkpointed per block: (spatial, temporal with mixer), functions
+    # of the transformer; exvideo.speed.compile_repeated_blocks swaps in torch.compile'd ones shared by every instance.
+    units: tuple[Callable, Callable]
 
     def _temporal_step(
         self,
@@ -202,6 +222,8 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
                                   width)
         return self.time_mixer(x_spatial=hidden_states, x_temporal=mix, image_only_indicator=image_only_indicator)
 
+    units = (_spatial_step, _temporal_mix_step)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -229,34 +251,26 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
 
         residual = hidden_states
         checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
-        if checkpointing and self.checkpoint_units == "lean":
-            # Two units per block pair; the first also holds norm + projection and the second the mixer, so backward
-            # keeps only each unit's input: the transformer's input and the spatial block's output.
+        if not checkpointing or self.checkpoint_units == "lean":
+            # Two units per block pair; the first also holds norm + projection and the second the mixer. Under lean
+            # checkpointing backward keeps only each unit's input: the transformer's input and the spatial block's
+            # output.
+            spatial_unit, temporal_unit = self.units
+            run = self._gradient_checkpointing_func if checkpointing else lambda unit, *args: unit(*args)
             for index, (block, temporal_block) in enumerate(zip(self.transformer_blocks,
                                                                  self.temporal_transformer_blocks)):
-                hidden_states = self._gradient_checkpointing_func(
-                    self._spatial_step, block, hidden_states, encoder_hidden_states, index == 0)
-                hidden_states = self._gradient_checkpointing_func(
-                    self._temporal_mix_step, temporal_block, hidden_states, emb, time_context, image_only_indicator,
-                    batch_size, num_frames, height, width)
+                hidden_states = run(spatial_unit, self, block, hidden_states, encoder_hidden_states, index == 0)
+                hidden_states = run(temporal_unit, self, temporal_block, hidden_states, emb, time_context,
+                                    image_only_indicator, batch_size, num_frames, height, width)
         else:
             hidden_states = self._enter(hidden_states)
             for block, temporal_block in zip(self.transformer_blocks, self.temporal_transformer_blocks):
-                if checkpointing:
-                    hidden_states = self._gradient_checkpointing_func(block, hidden_states, None,
-                                                                      encoder_hidden_states)
-                else:
-                    hidden_states = block(hidden_states, encoder_hidden_states=encoder_hidden_states)
+                hidden_states = self._gradient_checkpointing_func(block, hidden_states, None, encoder_hidden_states)
                 # Unlike diffusers, the temporal step is checkpointed too: at 128 frames it holds most activations.
-                if checkpointing:
-                    mix = self._gradient_checkpointing_func(
-                        self._temporal_step, temporal_block, hidden_states, emb, time_context,
-                        batch_size, num_frames, height, width,
-                    )
-                else:
-                    mix = self._temporal_step(
-                        temporal_block, hidden_states, emb, time_context, batch_size, num_frames, height, width
-                    )
+                mix = self._gradient_checkpointing_func(
+                    self._temporal_step, temporal_block, hidden_states, emb, time_context,
+                    batch_size, num_frames, height, width,
+                )
                 hidden_states = self.time_mixer(
                     x_spatial=hidden_states, x_temporal=mix, image_only_indicator=image_only_indicator
                 )

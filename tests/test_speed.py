@@ -19,7 +19,9 @@ from exvideo.speed import (
     compiles_blocks, compiles_on, enable_checkpointing, flops_per_output_element, set_conv_layout, speed_context,
 )
 from exvideo.one_key_attention import OneKeyCrossAttnProcessor
-from exvideo.unet import reflect_conv3d, reflect_conv3d_channels_last
+from exvideo.unet import (
+    gather_pad_channels_last, reflect_conv3d, reflect_conv3d_channels_last, reflect_pad_channels_last,
+)
 from pipelines.generate import GenerationParams, load_pipeline
 from pipelines.generate.decode import decode_video
 from pipelines.generate.guidance import Conditioning, guided_model_output
@@ -49,6 +51,17 @@ def test_channels_last_conv_has_the_permuted_ones_gradients(shape):
     expected = torch.autograd.grad(permuted, inputs, grad_out)
     for mine, theirs in zip(torch.autograd.grad(reflect_conv3d_channels_last(conv, video), inputs, grad_out), expected):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3, 6), (1, 1, 1, 1, 6), (1, 3, 1, 2, 6)])
+def test_the_gather_pad_compiled_code_uses_equals_the_eager_pad_with_its_gradient(shape):
+    video = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn([shape[0], *(n + 2 for n in shape[1:4]), shape[4]], dtype=torch.float64)
+    eager = reflect_pad_channels_last(video)  # outside compiled code: the buffer-and-faces autograd function
+    gathered = gather_pad_channels_last(video)
+    assert torch.equal(gathered, eager)
+    torch.testing.assert_close(torch.autograd.grad(gathered, video, grad_out)[0],
+                               torch.autograd.grad(eager, video, grad_out)[0], rtol=1e-12, atol=1e-12)
 
 
 def _perturbed_extended(tiny_unet, frames: int = 32):
@@ -269,6 +282,45 @@ def test_a_compiled_block_trains_under_lean_checkpointing_like_its_eager_copy():
     assert block.attn2.to_q.weight.grad is not None and not block.attn2.to_q.weight.grad.any()
 
 
+def test_compiled_steps_compute_what_the_eager_steps_compute_in_training_and_generation(tiny_unet):
+    """compile_scope "steps": one graph per ExVideo transformer step, around its block; float64, so any difference
+    beyond rounding is a wrong function, not bf16 noise."""
+    unet = extend_unet(tiny_unet, 32).double().requires_grad_(False)
+    enable_checkpointing(unet, "lean")
+    eager = unet.down_blocks[0].attentions[0]
+    compiled = copy.deepcopy(eager)
+    assert compile_repeated_blocks(compiled, scope="steps") == 1 + 2  # the transformer's steps, and its two blocks
+    assert compiled.units != type(compiled).units and compiled.compiled_with == ("default", False)
+    generator = torch.Generator().manual_seed(0)
+    frames, channels = 6, compiled.proj_in.in_features
+    hidden = torch.randn(2 * frames, channels, 4, 4, dtype=torch.float64, generator=generator)
+    context = torch.randn(2 * frames, 1, 32, dtype=torch.float64, generator=generator)
+    weights = torch.randn(hidden.shape, dtype=torch.float64, generator=generator)
+    indicator = torch.zeros(2, frames, dtype=torch.float64)
+    results = []
+    for module in (compiled, eager):
+        trainable = [p for n, p in module.named_parameters() if "temporal" in n or "time_" in n]
+        for param in trainable:
+            param.requires_grad_(True)
+            param.grad = None
+        inputs = hidden.clone().requires_grad_()
+        output = module(inputs, context, indicator, return_dict=False)[0]
+        (output * weights).sum().backward()
+        with torch.no_grad():
+            generated = module(hidden, context, indicator, return_dict=False)[0]
+        results.append((output, generated, inputs.grad, [p.grad for p in trainable]))
+    (output, generated, grad, weight_grads), (eager_output, eager_generated, eager_grad, eager_weight_grads) = results
+    torch.testing.assert_close(output, eager_output, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(generated, eager_generated, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-9, atol=1e-10)
+    scale = max(float(g.abs().max()) for g in eager_weight_grads)
+    assert len(weight_grads) > 10 and scale > 0
+    for mine, theirs in zip(weight_grads, eager_weight_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-8, atol=1e-10 * scale)
+    assert compile_repeated_blocks(compiled, scope="steps") == 0  # the same settings: nothing compiles again
+    assert compile_repeated_blocks(compiled, scope="blocks") == 0 and compiled.units == type(compiled).units
+
+
 def test_speed_settings_are_validated_by_name(tmp_path):
     with pytest.raises(ValueError, match="speed.attention"):
         TrainConfig(svd_dir=tmp_path, shards="x", speed={"attention": "fastest"})
@@ -281,6 +333,9 @@ def test_speed_settings_are_validated_by_name(tmp_path):
     assert TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_mode": "max-autotune-no-cudagraphs"}
                        ).speed.compile_mode == "max-autotune-no-cudagraphs"
     assert TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_static_shapes": True}).speed.compile_static_shapes
+    assert TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_scope": "steps"}).speed.compile_scope == "steps"
+    with pytest.raises(ValueError, match="speed.compile_scope"):
+        TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_scope": "unet"})
     assert TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_blocks": True}).speed.compile_blocks is True
     config = TrainConfig(svd_dir=tmp_path, shards="x", speed={"checkpointing": "selective"})
     assert config.speed.compile_blocks == "gpu"  # the default, which leaves selective checkpointing uncompiled
