@@ -9,8 +9,8 @@ One run measures, with the same weights throughout:
   (b) one guided UNet step of `LongVideoPipeline` and a whole video (`generate`: CLIP + VAE encode, all steps,
       windowed VAE decode): time and peak memory;
   (c) the plain path (`SpeedOptions.plain()`) as the in-run baseline, and each switch added one at a time;
-  (d) with --parts decode, the whole video's windowed VAE decode alone, eager and with compiled decoder blocks
-      (speed.compile_decoder), per --compile-modes and --compile-shapes.
+  (d) with --parts decode, the whole video's windowed VAE decode alone: eager, with cuDNN autotuning, and with
+      compiled decoder blocks (speed.compile_decoder) per --compile-modes and --compile-shapes.
 Prints one table per part and writes everything to --json after every measurement, so a run cut short keeps what
 it measured. Model FLOPs are counted once on fake tensors (no recomputation, no guidance duplication counted twice).
 """
@@ -404,16 +404,19 @@ def run_generation(report: Report, args, device, flops: dict, peak: float | None
         report.add("video", name, {"options": asdict(options), **time_video(pipeline, options, image, params, device)})
 
 
-def time_decode(vae: AutoencoderKLTemporalDecoder, latents: torch.Tensor, args, device,
+def time_decode(vae: AutoencoderKLTemporalDecoder, latents: torch.Tensor, options: SpeedOptions, args, device,
                 outputs: list[torch.Tensor]) -> dict:
-    """Median time and peak memory of the generation path's windowed VAE decode of `latents`; the first row's video
-    is kept in `outputs` and later rows report their relative difference to it."""
+    """Median time and peak memory of the generation path's windowed VAE decode of `latents` with `options` applied
+    as the pipeline applies them; the first row's video is kept in `outputs` and later rows report their relative
+    difference to it."""
     params = GenerationParams()
+    apply_decoder_speed(vae, options)
     reset_memory(device)
     clock, times, first = Clock(device), [], None
     for repeat in range(args.warmup + args.steps):
         start = clock.now()
-        video = decode_video(vae, latents, params.decode_window, params.decode_stride)
+        with speed_context(options):
+            video = decode_video(vae, latents, params.decode_window, params.decode_stride)
         elapsed = clock.now() - start
         first = first or round(elapsed, 1)
         if repeat >= args.warmup:
@@ -421,8 +424,8 @@ def time_decode(vae: AutoencoderKLTemporalDecoder, latents: torch.Tensor, args, 
     if not outputs:
         outputs.append(video)
     difference = float((video - outputs[0]).norm() / outputs[0].norm())
-    return {"decode_s": round(statistics.median(times), 3), "peak_gib": peak_gib(device), "first_call_s": first,
-            "difference_to_first": round(difference, 5)}
+    return {"options": asdict(options), "decode_s": round(statistics.median(times), 3), "peak_gib": peak_gib(device),
+            "first_call_s": first, "difference_to_first": round(difference, 5)}
 
 
 def decode_inputs(tiny: bool, frames: int, size: int, device: torch.device
@@ -436,19 +439,22 @@ def decode_inputs(tiny: bool, frames: int, size: int, device: torch.device
 
 
 def run_decode(report: Report, args, device, started: float) -> None:
-    """The whole video's VAE decode alone: eager, then with `speed.compile_decoder` once per compile mode and shape
-    setting (each recompiles), as the generation path applies it (`exvideo.speed.apply_decoder_speed`)."""
+    """The whole video's VAE decode alone: eager, eager with cuDNN autotuning (the decoder's convolutions run at
+    shapes the UNet never has), then the faster of the two with `speed.compile_decoder` once per compile mode and
+    shape setting (each recompiles)."""
     vae, latents = decode_inputs(args.tiny, args.frames, args.size, device)
     outputs: list[torch.Tensor] = []
-    report.add("decode", "eager", time_decode(vae, latents, args, device, outputs))
+    eager = {"eager": SpeedOptions(compile_blocks=False), "eager, cuDNN autotune": SpeedOptions(
+        compile_blocks=False, cudnn_autotune=True)}
+    for name, options in eager.items():
+        report.add("decode", name, time_decode(vae, latents, options, args, device, outputs))
+    best = min(eager, key=lambda name: report.data["decode"][name]["decode_s"])
     for suffix, mode, static in compile_settings(args.compile_modes, args.compile_shapes):
         if not compile_allowed(args, started):
             return
-        options = SpeedOptions(compile_blocks=False, compile_decoder=True, compile_mode=mode,
-                               compile_static_shapes=static)
-        apply_decoder_speed(vae, options)
-        report.add("decode", f"compiled decoder blocks{suffix}",
-                   {"options": asdict(options), **time_decode(vae, latents, args, device, outputs)})
+        options = replace(eager[best], compile_decoder=True, compile_mode=mode, compile_static_shapes=static)
+        report.add("decode", f"{best} + compiled decoder blocks{suffix}",
+                   time_decode(vae, latents, options, args, device, outputs))
 
 
 def print_tables(data: dict) -> None:

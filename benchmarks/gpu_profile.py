@@ -142,7 +142,8 @@ def profile_decode(args, options: SpeedOptions, device: torch.device) -> dict:
     params = GenerationParams()
 
     def decode() -> None:
-        decode_video(vae, latents, params.decode_window, params.decode_stride)
+        with speed_context(options):
+            decode_video(vae, latents, params.decode_window, params.decode_stride)
 
     decode()
     return kernel_times(decode, device)
