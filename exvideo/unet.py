@@ -176,9 +176,6 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
     conv_layout: str = "channels_last"
     # How forward is cut into checkpointed units (exvideo.speed.enable_checkpointing): "blocks" or "lean".
     checkpoint_units: str = "blocks"
-    # The two units each block pair runs as, unless checkpointed per block: (spatial, temporal with mixer), functions
-    # of the transformer; exvideo.speed.compile_repeated_blocks swaps in torch.compile'd ones shared by every instance.
-    units: tuple[Callable, Callable]
 
     def _temporal_step(
         self,
@@ -222,7 +219,9 @@ class ExVideoTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
                                   width)
         return self.time_mixer(x_spatial=hidden_states, x_temporal=mix, image_only_indicator=image_only_indicator)
 
-    units = (_spatial_step, _temporal_mix_step)
+    # The two units each block pair runs as, unless checkpointed per block: (spatial, temporal with mixer), functions
+    # of the transformer; exvideo.speed.compile_repeated_blocks swaps in torch.compile'd ones shared by every instance.
+    units: tuple[Callable, Callable] = (_spatial_step, _temporal_mix_step)
 
     def forward(
         self,
