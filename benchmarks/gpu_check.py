@@ -49,7 +49,7 @@ def unet_output(unet, options: SpeedOptions, latents, cond: Conditioning, ramp) 
                                    options.batched_guidance).float()
 
 
-def compiled_variants(eager: SpeedOptions) -> dict[str, SpeedOptions]:
+def compiled_checks(eager: SpeedOptions) -> dict[str, SpeedOptions]:
     """`eager` compiled per block, then per ExVideo transformer step; last, since compiled blocks stay compiled."""
     return {"compiled blocks": replace(eager, compile_blocks=True),
             "compiled steps": replace(eager, compile_blocks=True, compile_scope="steps")}
@@ -81,7 +81,7 @@ def check_generation(args, device, compiled: bool) -> list[dict]:
                                       attention=args.attention[-1] if args.attention else "auto"),
     }
     if compiled:
-        variants.update(compiled_variants(variants["all eager switches"]))
+        variants.update(compiled_checks(variants["all eager switches"]))
     rows = [{"check": "guided UNet output, plain bf16", "error": plain_error}]
     for name, options in selected(variants, args.only).items():
         try:
@@ -135,7 +135,7 @@ def check_training(args, device, compiled: bool) -> list[dict]:
                                       attention=args.attention[-1] if args.attention else "auto"),
     }
     if compiled:
-        variants.update(compiled_variants(variants["all eager switches"]))
+        variants.update(compiled_checks(variants["all eager switches"]))
     for name, options in selected(variants, args.only).items():
         try:
             loss, grads = loss_and_grads(unet, trainable, options, batch, device, bf16)

@@ -231,16 +231,18 @@ def compile_repeated_blocks(model: nn.Module, mode: CompileMode = "default", sta
     compiles nothing. A compiled step calls its block's compiled code inlined: one graph for the whole step.
     """
     settings = (mode, static_shapes)
+    steps_settings = settings if scope == "steps" else None  # what the ExVideo transformers' steps should hold
     dynamic = False if static_shapes else None
     blocks = [m for m in model.modules()
               if type(m).__name__ in REPEATED_BLOCKS and getattr(m, "compiled_with", None) != settings]
     transformers = [m for m in model.modules() if isinstance(m, ExVideoTransformerSpatioTemporalModel)
-                    and getattr(m, "compiled_with", None) != (settings if scope == "steps" else None)]
-    if blocks or (transformers and scope == "steps"):
+                    and getattr(m, "compiled_with", None) != steps_settings]
+    compiling = len(blocks) + (len(transformers) if steps_settings else 0)
+    if compiling:
         logger.warning("compiling %d %s blocks%s with torch.compile: the first call of each new shape waits for it "
                        "(minutes at full size); speed.compile_blocks=false and compile_decoder=false skip it",
                        len(blocks), type(model).__name__,
-                       f" and the steps of {len(transformers)} transformers" if scope == "steps" else "")
+                       f" and the steps of {len(transformers)} transformers" if steps_settings else "")
     # Every up/down level gives a block class new shapes; let it recompile rather than silently fall back to eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     # Under DDP (training on several workers) dynamo would split each compiled block at gradient-bucket boundaries;
@@ -250,17 +252,14 @@ def compile_repeated_blocks(model: nn.Module, mode: CompileMode = "default", sta
     for block in blocks:
         block.compile(mode=mode, dynamic=dynamic)
         block.compiled_with = settings
-    if scope == "steps" and transformers:
-        # Functions of the transformer, compiled once for all of them, so instances of one shape share a graph.
-        units = tuple(torch.compile(unit, mode=mode, dynamic=dynamic)
-                      for unit in ExVideoTransformerSpatioTemporalModel.units)
+    # Functions of the transformer, compiled once for all of them so that instances of one shape share a graph; with
+    # scope "blocks", the eager steps, which call the compiled blocks.
+    steps = ExVideoTransformerSpatioTemporalModel.units
+    if steps_settings and transformers:
+        steps = tuple(torch.compile(step, mode=mode, dynamic=dynamic) for step in steps)
     for transformer in transformers:
-        if scope == "steps":
-            transformer.units, transformer.compiled_with = units, settings
-        else:  # back to the eager steps (the class's), which call the compiled blocks
-            transformer.__dict__.pop("units", None)
-            transformer.__dict__.pop("compiled_with", None)
-    return len(blocks) + (len(transformers) if scope == "steps" else 0)
+        transformer.units, transformer.compiled_with = steps, steps_settings
+    return compiling
 
 
 def compiles_on(options: SpeedOptions, device_type: str, selective_checkpointing: bool = False) -> bool:
