@@ -9,8 +9,9 @@ One run measures, with the same weights throughout:
   (b) one guided UNet step of `LongVideoPipeline` and a whole video (`generate`: CLIP + VAE encode, all steps,
       windowed VAE decode): time and peak memory;
   (c) the plain path (`SpeedOptions.plain()`) as the in-run baseline, and each switch added one at a time;
-  (d) with --parts decode, the whole video's windowed VAE decode alone: eager, with cuDNN autotuning, and with
-      compiled decoder blocks (speed.compile_decoder) per --compile-modes and --compile-shapes.
+  (d) with --parts decode, the whole video's windowed VAE decode alone: eager, with cuDNN autotuning, with
+      parallel group-norm statistics (speed.parallel_group_norm), and with compiled decoder blocks
+      (speed.compile_decoder) per --compile-modes and --compile-shapes.
 Prints one table per part and writes everything to --json after every measurement, so a run cut short keeps what
 it measured. Model FLOPs are counted once on fake tensors (no recomputation, no guidance duplication counted twice).
 """
@@ -73,7 +74,7 @@ STEP_VARIANTS = one_switch_at_a_time(
     [("+batched guidance", {"batched_guidance": True}), ("+channels-last conv", {"conv_layout": "channels_last"}),
      ("+one-key cross-attention", {"one_key_cross_attention": True})],
     {"+cudnn autotune": {"cudnn_autotune": True}, "+flash attention": {"attention": "flash"},
-     "+cudnn attention": {"attention": "cudnn"}},
+     "+cudnn attention": {"attention": "cudnn"}, "+parallel group norm": {"parallel_group_norm": True}},
 )
 
 
@@ -440,12 +441,13 @@ def decode_inputs(tiny: bool, frames: int, size: int, device: torch.device
 
 def run_decode(report: Report, args, device, started: float) -> None:
     """The whole video's VAE decode alone: eager, eager with cuDNN autotuning (the decoder's convolutions run at
-    shapes the UNet never has), then the faster of the two with `speed.compile_decoder` once per compile mode and
-    shape setting (each recompiles)."""
+    shapes the UNet never has), eager with parallel group-norm statistics, then the fastest of them with
+    `speed.compile_decoder` once per compile mode and shape setting (each recompiles)."""
     vae, latents = decode_inputs(args.tiny, args.frames, args.size, device)
     outputs: list[torch.Tensor] = []
-    eager = {"eager": SpeedOptions(compile_blocks=False), "eager, cuDNN autotune": SpeedOptions(
-        compile_blocks=False, cudnn_autotune=True)}
+    eager = {"eager": SpeedOptions(compile_blocks=False),
+             "eager, cuDNN autotune": SpeedOptions(compile_blocks=False, cudnn_autotune=True),
+             "eager, parallel group norm": SpeedOptions(compile_blocks=False, parallel_group_norm=True)}
     for name, options in eager.items():
         report.add("decode", name, time_decode(vae, latents, options, args, device, outputs))
     best = min(eager, key=lambda name: report.data["decode"][name]["decode_s"])

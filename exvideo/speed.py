@@ -2,7 +2,7 @@
 
 Every switch has a plain counterpart (`SpeedOptions.plain()`), and each optimised path is checked against it:
 `tests/test_speed.py` at tiny size on the CPU, `benchmarks/gpu_check.py` at full size on a GPU. What each switch
-contributed on an H200 is in benchmarks/RESULTS.md (`benchmarks/gpu_bench.py`).
+contributed on an H200 and an H100 is in benchmarks/RESULTS.md (`benchmarks/gpu_bench.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from exvideo.group_norm import set_parallel_group_norm
 from exvideo.one_key_attention import set_one_key_cross_attention
 from exvideo.unet import ExVideoTransformerSpatioTemporalModel, spatio_temporal_transformers
 
@@ -46,11 +47,10 @@ REPEATED_BLOCKS = ("BasicTransformerBlock", "TemporalBasicTransformerBlock", "Sp
 class SpeedOptions:
     """Speed switches. Training reads all but batched_guidance; generation all but checkpointing.
 
-    The defaults are what paid on an H200 at 128 frames 512x512 (benchmarks/RESULTS.md): channels-last
-    convolution, lean checkpointing, batched guidance and, on a GPU, compiled blocks. Training: 2.19 s and 31.4 GiB
-    per step against the plain path's 2.87 s and 48.5 GiB; a guided step: 1.16 s against 1.57 s. cuDNN autotuning
-    and a forced attention backend measured no gain. The one-key cross-attention shortcut, also on, removes work
-    outright (3% of the FLOPs, 11% of the fused memory floor, counted on the CPU); its GPU time is not measured yet.
+    The defaults are what paid at 128 frames 512x512 (benchmarks/RESULTS.md): channels-last convolution, lean
+    checkpointing, batched guidance, the one-key cross-attention shortcut and, on a GPU, compiled blocks. On an H100:
+    2.19 s and 30.6 GiB per training step (the reference code: 3.34 s, 55.3 GiB), 1.14 s per guided step (the plain
+    path: 1.68 s). cuDNN autotuning and a forced attention backend measured no gain (on an H200).
 
     conv_layout: ExVideo's 3D convolution on channels-last (NDHWC) activations, the layout the tokens already have,
         instead of permuting them to NCDHW and back around every convolution.
@@ -88,6 +88,11 @@ class SpeedOptions:
     one_key_cross_attention: SVD's cross-attentions attend to one key, so their output is the projected value for
         every query; compute it once per sequence without the query (exvideo.one_key_attention). The skipped weights
         get the plain path's exact zero gradient.
+    parallel_group_norm: group norms that run eagerly without gradients (generation's UNet when not compiled, the
+        transformers' entry norms outside compiled blocks, the VAE decoder) compute their statistics with
+        `torch.var_mean` (exvideo.group_norm) instead of PyTorch's kernel, which gives each (sample, group) one thread
+        block: in the temporal ResNet blocks that leaves most of a GPU idle (2.7 of the 8.1 s of a 128-frame video's
+        eager VAE decode on an H100). Not measured with the switch yet, hence off.
     """
 
     conv_layout: ConvLayout = "channels_last"
@@ -101,12 +106,14 @@ class SpeedOptions:
     compile_decoder: bool = False
     batched_guidance: bool = True
     one_key_cross_attention: bool = True
+    parallel_group_norm: bool = False
 
     @classmethod
     def plain(cls) -> SpeedOptions:
         """Every optimisation off: the baseline the benchmarks and checks compare against."""
         return cls(conv_layout="channels_first", attention="auto", checkpointing="full", cudnn_autotune=False,
-                   compile_blocks=False, compile_decoder=False, batched_guidance=False, one_key_cross_attention=False)
+                   compile_blocks=False, compile_decoder=False, batched_guidance=False, one_key_cross_attention=False,
+                   parallel_group_norm=False)
 
 
 def attention_backend(name: Attention) -> contextlib.AbstractContextManager:
@@ -284,19 +291,22 @@ def compiles_blocks(unet: nn.Module, options: SpeedOptions) -> bool:
 
 
 def apply_speed(unet: nn.Module, options: SpeedOptions) -> None:
-    """Apply the module-level switches (conv layout, cross-attention processors, compilation) to `unet` in place.
+    """Apply the module-level switches (conv layout, cross-attention processors, group norms, compilation) to `unet`
+    in place.
 
     Compilation cannot be undone: once compiled, blocks stay compiled whatever later options say (a later change of
     processor or layout recompiles them).
     """
     set_conv_layout(unet, options.conv_layout)
     set_one_key_cross_attention(unet, options.one_key_cross_attention)
+    set_parallel_group_norm(unet, options.parallel_group_norm)
     if compiles_blocks(unet, options):
         compile_repeated_blocks(unet, options.compile_mode, options.compile_static_shapes, options.compile_scope)
 
 
 def apply_decoder_speed(vae: nn.Module, options: SpeedOptions) -> None:
-    """Apply the switches that concern the VAE's decode (`compile_decoder`) to `vae` in place; as for the UNet,
-    compilation cannot be undone."""
+    """Apply the switches that concern the VAE's decode (`parallel_group_norm`, `compile_decoder`) to `vae` in place;
+    as for the UNet, compilation cannot be undone."""
+    set_parallel_group_norm(vae.decoder, options.parallel_group_norm)
     if options.compile_decoder:
         compile_repeated_blocks(vae.decoder, options.compile_mode, options.compile_static_shapes)

@@ -1,0 +1,127 @@
+"""Group norm with parallel statistics computes PyTorch's group norm, and only where it is meant to."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from exvideo import SpeedOptions, tiny_svd_components
+from exvideo.group_norm import ParallelStatsGroupNorm, group_norm_parallel_stats, set_parallel_group_norm
+from exvideo.speed import apply_decoder_speed, apply_speed
+from pipelines.generate.decode import decode_video
+
+
+class _OpsSeen(TorchDispatchMode):
+    """Records the aten operations that run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket)
+        return func(*args, **(kwargs or {}))
+
+
+def _inputs(layout: str, dtype: torch.dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    if layout == "5d permuted":  # a temporal ResNet block's (B, C, T, H, W) view of frames stored (T, C, H, W)
+        frames = torch.randn(5, 8, 6, 7, generator=generator, dtype=dtype) * 3 + 1
+        return frames[None].permute(0, 2, 1, 3, 4)
+    x = torch.randn(3, 8, 6, 7, generator=generator, dtype=dtype) * 3 + 1
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels last" else x
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "5d permuted", "channels last"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_parallel_statistics_give_pytorchs_group_norm_in_float64(layout, affine):
+    x = _inputs(layout, torch.float64)
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(8, generator=generator, dtype=torch.float64) if affine else None
+    bias = torch.randn(8, generator=generator, dtype=torch.float64) if affine else None
+    ours = group_norm_parallel_stats(x, 4, weight, bias, eps=1e-6)
+    assert ours.shape == x.shape and ours.dtype == x.dtype and ours.is_contiguous()
+    torch.testing.assert_close(ours, F.group_norm(x, 4, weight, bias, eps=1e-6), rtol=1e-12, atol=1e-12)
+    # Normalised per (sample, group): mean 0 and variance 1 before the affine part.
+    if not affine:
+        rows = ours.reshape(x.shape[0], 4, -1)
+        torch.testing.assert_close(rows.mean(-1), torch.zeros(x.shape[0], 4, dtype=torch.float64), atol=1e-12,
+                                   rtol=0)
+        torch.testing.assert_close(rows.var(-1, correction=0), torch.ones(x.shape[0], 4, dtype=torch.float64),
+                                   atol=1e-5, rtol=0)
+
+
+def test_bf16_parallel_statistics_round_no_worse_than_pytorchs_bf16_group_norm():
+    x = _inputs("5d permuted", torch.float32)
+    norm = nn.GroupNorm(4, 8)
+    with torch.no_grad():
+        norm.weight.normal_(generator=torch.Generator().manual_seed(2))
+        norm.bias.normal_(generator=torch.Generator().manual_seed(3))
+        exact = F.group_norm(x, 4, norm.weight, norm.bias, norm.eps)
+        norm = norm.bfloat16()
+        native = F.group_norm(x.bfloat16(), 4, norm.weight, norm.bias, norm.eps).float()
+        ours = group_norm_parallel_stats(x.bfloat16(), 4, norm.weight, norm.bias, norm.eps)
+    assert ours.dtype == torch.bfloat16
+
+    def error(y: torch.Tensor) -> float:
+        return float((y.float() - exact).norm() / exact.norm())
+
+    assert error(ours) <= 1.5 * error(native) + 1e-4 and error(ours) < 1e-2
+
+
+def test_group_count_that_does_not_divide_the_channels_is_refused():
+    with pytest.raises(ValueError, match="12 channels cannot split them into 5 groups"):
+        group_norm_parallel_stats(torch.randn(2, 12, 4), 5)
+
+
+def test_the_module_uses_parallel_statistics_only_without_gradients_and_outside_compiled_code():
+    norm = ParallelStatsGroupNorm(4, 8)
+    x = _inputs("contiguous", torch.float32)
+    with torch.no_grad(), _OpsSeen() as seen:
+        inference = norm(x)
+    assert torch.ops.aten.var_mean in seen.ops and torch.ops.aten.native_group_norm not in seen.ops
+    with _OpsSeen() as seen:
+        training = norm(x)
+    assert torch.ops.aten.native_group_norm in seen.ops and training.requires_grad
+    torch.testing.assert_close(inference, training.detach(), rtol=1e-5, atol=1e-5)
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(graph: torch.fx.GraphModule, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    with torch.no_grad():
+        compiled = torch.compile(norm, backend=record)(x)
+    targets = {str(node.target) for graph in graphs for node in graph.graph.nodes}
+    assert graphs and any("group_norm" in target for target in targets)
+    assert not any("var_mean" in target for target in targets)
+    torch.testing.assert_close(compiled, inference, rtol=1e-5, atol=1e-5)
+
+
+def test_the_switch_covers_the_unets_and_the_decoders_group_norms_and_switches_back():
+    components = tiny_svd_components()
+    unet, vae = components.unet, components.vae
+    names = list(unet.state_dict())
+    norms = [m for m in unet.modules() if isinstance(m, nn.GroupNorm)]
+    apply_speed(unet, SpeedOptions(parallel_group_norm=True))
+    assert norms and all(type(m) is ParallelStatsGroupNorm for m in norms)
+    assert list(unet.state_dict()) == names  # the checkpoint's names do not change
+    apply_speed(unet, SpeedOptions())
+    assert all(type(m) is nn.GroupNorm for m in norms)
+    assert not SpeedOptions().parallel_group_norm and not SpeedOptions.plain().parallel_group_norm
+
+    latents = torch.randn(1, 10, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        native = decode_video(vae, latents)
+        apply_decoder_speed(vae, SpeedOptions(parallel_group_norm=True))
+        assert set_parallel_group_norm(vae.decoder, True) == sum(
+            isinstance(m, nn.GroupNorm) for m in vae.decoder.modules()) > 0
+        assert all(type(m) is nn.GroupNorm for m in vae.encoder.modules() if isinstance(m, nn.GroupNorm))
+        parallel = decode_video(vae, latents)
+    assert parallel.shape == native.shape and parallel.shape[:3] == (1, 10, 3)
+    np.testing.assert_allclose(parallel.numpy(), native.numpy(), rtol=1e-4, atol=1e-5)
