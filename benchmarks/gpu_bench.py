@@ -10,7 +10,7 @@ One run measures, with the same weights throughout:
       windowed VAE decode): time and peak memory;
   (c) the plain path (`SpeedOptions.plain()`) as the in-run baseline, and each switch added one at a time;
   (d) with --parts decode, the whole video's windowed VAE decode alone: eager, with cuDNN autotuning, with
-      parallel group-norm statistics (speed.parallel_group_norm), and with compiled decoder blocks
+      parallel group-norm statistics (speed.parallel_group_norm) and a channels-last decoder, and with compiled blocks
       (speed.compile_decoder) per --compile-modes and --compile-shapes.
 Prints one table per part and writes everything to --json after every measurement, so a run cut short keeps what
 it measured. Model FLOPs are counted once on fake tensors (no recomputation, no guidance duplication counted twice).
@@ -50,6 +50,18 @@ from pipelines.generate.params import GenerationParams
 from pipelines.generate.pipeline import LongVideoPipeline
 
 PLAIN = SpeedOptions.plain()
+
+
+def speed_changes(pairs: list[str]) -> dict:
+    """`SpeedOptions` fields from NAME=VALUE pairs (values as JSON, or bare strings)."""
+    changes = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            changes[name] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[name] = value
+    return changes
 
 
 def one_switch_at_a_time(changes: list[tuple[str, dict]], alternatives: dict[str, dict]) -> dict[str, SpeedOptions]:
@@ -391,18 +403,23 @@ def run_generation(report: Report, args, device, flops: dict, peak: float | None
     measure_variants(report, "unet_step", STEP_VARIANTS, args.step_variants, measure, flops["guided_unet_step"], peak,
                      device)
     best_name, best = fastest(report.data["unet_step"])
+    video_changes = speed_changes(args.video_options)
+    suffix = f" + {' '.join(args.video_options)}" if video_changes else ""
     if "plain" in args.videos:
         report.add("video", "plain", {"options": asdict(PLAIN), **time_video(pipeline, PLAIN, image, params, device)})
     if "best" in args.videos:
-        report.add("video", f"best eager ({best_name})",
-                   {"options": asdict(best), **time_video(pipeline, best, image, params, device)})
+        options = replace(best, **video_changes)
+        report.add("video", f"best eager ({best_name}){suffix}",
+                   {"options": asdict(options), **time_video(pipeline, options, image, params, device)})
     if not compile_allowed(args, started):
         return
     compiled = compiled_variants(best_name, best, args.compile_modes, args.compile_shapes, args.compile_scopes)
     measure_variants(report, "unet_step", compiled, None, measure, flops["guided_unet_step"], peak, device)
     if "compiled" in args.videos:  # in the last mode compiled, which the blocks now hold
         name, options = list(compiled.items())[-1]
-        report.add("video", name, {"options": asdict(options), **time_video(pipeline, options, image, params, device)})
+        options = replace(options, **video_changes)
+        report.add("video", name + suffix,
+                   {"options": asdict(options), **time_video(pipeline, options, image, params, device)})
 
 
 def time_decode(vae: AutoencoderKLTemporalDecoder, latents: torch.Tensor, options: SpeedOptions, args, device,
@@ -441,13 +458,15 @@ def decode_inputs(tiny: bool, frames: int, size: int, device: torch.device
 
 def run_decode(report: Report, args, device, started: float) -> None:
     """The whole video's VAE decode alone: eager, eager with cuDNN autotuning (the decoder's convolutions run at
-    shapes the UNet never has), eager with parallel group-norm statistics, then the fastest of them with
-    `speed.compile_decoder` once per compile mode and shape setting (each recompiles)."""
+    shapes the UNet never has), eager with parallel group-norm statistics and with a channels-last decoder too, then
+    the fastest of them with `speed.compile_decoder` once per compile mode and shape setting (each recompiles)."""
     vae, latents = decode_inputs(args.tiny, args.frames, args.size, device)
     outputs: list[torch.Tensor] = []
     eager = {"eager": SpeedOptions(compile_blocks=False),
              "eager, cuDNN autotune": SpeedOptions(compile_blocks=False, cudnn_autotune=True),
-             "eager, parallel group norm": SpeedOptions(compile_blocks=False, parallel_group_norm=True)}
+             "eager, parallel group norm": SpeedOptions(compile_blocks=False, parallel_group_norm=True),
+             "eager, parallel group norm + channels-last decoder": SpeedOptions(
+                 compile_blocks=False, parallel_group_norm=True, decoder_channels_last=True)}
     for name, options in eager.items():
         report.add("decode", name, time_decode(vae, latents, options, args, device, outputs))
     best = min(eager, key=lambda name: report.data["decode"][name]["decode_s"])
@@ -495,6 +514,9 @@ def main() -> None:
     parser.add_argument("--step-variants", nargs="*", help=f"subset of: {', '.join(STEP_VARIANTS)}")
     parser.add_argument("--videos", nargs="*", default=["plain", "best", "compiled"],
                         choices=["plain", "best", "compiled"], help="whole videos to time")
+    parser.add_argument("--video-options", nargs="*", default=[],
+                        help="NAME=VALUE switches over the best and compiled videos' options, e.g. the decode's "
+                             "parallel_group_norm=true")
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--compile-modes", nargs="+", default=["default"],
                         choices=["default", "max-autotune-no-cudagraphs"], help="a compiled row per torch.compile mode")

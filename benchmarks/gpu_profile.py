@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from exvideo import SpeedOptions, post_tuning_loss, prepare_for_post_tuning
 from exvideo.speed import apply_decoder_speed, speed_context
-from gpu_bench import build_pipeline, build_unet, decode_inputs, fake_batch
+from gpu_bench import build_pipeline, build_unet, decode_inputs, fake_batch, speed_changes
 from pipelines.generate.decode import decode_video
 from pipelines.generate.guidance import guidance_ramp, guided_model_output
 from pipelines.generate.params import GenerationParams
@@ -151,14 +151,7 @@ def profile_decode(args, options: SpeedOptions, device: torch.device) -> dict:
 
 def parse_options(pairs: list[str]) -> SpeedOptions:
     """NAME=VALUE pairs over the default eager options (values as JSON, or bare strings)."""
-    changes = {}
-    for pair in pairs:
-        name, _, value = pair.partition("=")
-        try:
-            changes[name] = json.loads(value)
-        except json.JSONDecodeError:
-            changes[name] = value
-    return replace(SpeedOptions(), **{"compile_blocks": False, **changes})
+    return replace(SpeedOptions(), **{"compile_blocks": False, **speed_changes(pairs)})
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,23 @@ class _OpsSeen(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _LayoutsSeen(TorchDispatchMode):
+    """Counts, per aten operation and rank, the memory layouts of the first 4D or 5D tensor each call reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.layouts: dict[tuple[str, int], Counter] = defaultdict(Counter)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() in (4, 5)), None)
+        if first is not None:
+            last = torch.channels_last if first.dim() == 4 else torch.channels_last_3d
+            layout = ("contiguous" if first.is_contiguous() else
+                      "channels last" if first.is_contiguous(memory_format=last) else "other")
+            self.layouts[func.overloadpacket.__name__, first.dim()][layout] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def _inputs(layout: str, dtype: torch.dtype) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     if layout == "5d permuted":  # a temporal ResNet block's (B, C, T, H, W) view of frames stored (T, C, H, W)
@@ -44,7 +63,7 @@ def test_parallel_statistics_give_pytorchs_group_norm_in_float64(layout, affine)
     weight = torch.randn(8, generator=generator, dtype=torch.float64) if affine else None
     bias = torch.randn(8, generator=generator, dtype=torch.float64) if affine else None
     ours = group_norm_parallel_stats(x, 4, weight, bias, eps=1e-6)
-    assert ours.shape == x.shape and ours.dtype == x.dtype and ours.is_contiguous()
+    assert ours.shape == x.shape and ours.dtype == x.dtype and ours.stride() == x.stride()  # the input's layout
     torch.testing.assert_close(ours, F.group_norm(x, 4, weight, bias, eps=1e-6), rtol=1e-12, atol=1e-12)
     # Normalised per (sample, group): mean 0 and variance 1 before the affine part.
     if not affine:
@@ -125,3 +144,23 @@ def test_the_switch_covers_the_unets_and_the_decoders_group_norms_and_switches_b
         parallel = decode_video(vae, latents)
     assert parallel.shape == native.shape and parallel.shape[:3] == (1, 10, 3)
     np.testing.assert_allclose(parallel.numpy(), native.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_channels_last_decoder_keeps_one_layout_and_decodes_the_same_video():
+    vae = tiny_svd_components().vae
+    latents = torch.randn(1, 10, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        native = decode_video(vae, latents)
+        apply_decoder_speed(vae, SpeedOptions(parallel_group_norm=True, decoder_channels_last=True))
+        with _LayoutsSeen() as seen:
+            channels_last = decode_video(vae, latents)
+    np.testing.assert_allclose(channels_last.numpy(), native.numpy(), rtol=1e-4, atol=1e-5)
+    # Every 2D convolution but the first (whose input is the latents) reads channels-last frames, and every group
+    # norm and SiLU of the clips reads them in place, as the temporal blocks' NDHWC view. (The CPU's 3D
+    # convolutions return NCDHW whatever their input; cuDNN's keep NDHWC.)
+    assert seen.layouts["convolution", 4] == {"contiguous": 2, "channels last": 44}
+    assert seen.layouts["var_mean", 4] == {"channels last": 38}
+    assert "contiguous" not in seen.layouts["silu", 4] and seen.layouts["silu", 5]["channels last"] == 18
+    apply_decoder_speed(vae, SpeedOptions())
+    convs = [m.weight for m in vae.decoder.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    assert all(w.is_contiguous() for w in convs)  # switched back

@@ -337,6 +337,10 @@ def test_speed_settings_are_validated_by_name(tmp_path):
     with pytest.raises(ValueError, match="speed.compile_scope"):
         TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_scope": "unet"})
     assert TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_blocks": True}).speed.compile_blocks is True
+    with pytest.raises(ValueError, match="decoder_channels_last needs speed.parallel_group_norm"):
+        TrainConfig(svd_dir=tmp_path, shards="x", speed={"decoder_channels_last": True})
+    assert TrainConfig(svd_dir=tmp_path, shards="x", speed={"decoder_channels_last": True, "parallel_group_norm": True}
+                       ).speed.decoder_channels_last
     config = TrainConfig(svd_dir=tmp_path, shards="x", speed={"checkpointing": "selective"})
     assert config.speed.compile_blocks == "gpu"  # the default, which leaves selective checkpointing uncompiled
     assert TrainConfig.model_validate(config.model_dump(mode="json")).speed.checkpointing == "selective"
