@@ -6,9 +6,9 @@
 Same weights and inputs for every path. Each bf16 path is compared with a float32 run of the plain path: an
 optimised path passes when its error is at most 1.5x the plain bf16 path's error plus 5e-3, i.e. it adds no error
 beyond bf16 rounding. Checked: the guided UNet output (batched guidance, channels-last convolution, one-key
-cross-attention, parallel group-norm statistics, each attention backend) and the training loss and gradients
-(checkpointing policies, channels-last convolution, one-key cross-attention, attention); with --compile also both
-paths with compiled blocks and with compiled steps (speed.compile_scope).
+cross-attention, parallel group-norm statistics, a channels-last UNet, each attention backend) and the training loss
+and gradients (checkpointing policies, channels-last convolution, one-key cross-attention, attention); with --compile
+also both paths with compiled blocks and with compiled steps (speed.compile_scope).
 Prints one table, writes JSON with --json, and exits 1 if any check fails.
 """
 
@@ -77,6 +77,7 @@ def check_generation(args, device, compiled: bool) -> list[dict]:
         "one-key cross-attention": replace(PLAIN, one_key_cross_attention=True),
         "cudnn autotune": replace(PLAIN, cudnn_autotune=True),
         "parallel group norm": replace(PLAIN, parallel_group_norm=True),
+        "channels-last UNet": replace(PLAIN, parallel_group_norm=True, unet_channels_last=True),
         **{f"{name} attention": replace(PLAIN, attention=name) for name in args.attention},
         "all eager switches": replace(SpeedOptions(), compile_blocks=False,
                                       attention=args.attention[-1] if args.attention else "auto"),

@@ -93,6 +93,14 @@ class SpeedOptions:
         `torch.var_mean` (exvideo.group_norm) instead of PyTorch's kernel, which gives each (sample, group) one thread
         block: in the temporal ResNet blocks that leaves most of a GPU idle (2.7 of the 8.1 s of a 128-frame video's
         eager VAE decode on an H100). Not measured with the switch yet, hence off.
+    unet_channels_last: in generation, the UNet's convolution weights and hence its activations channels-last
+        (NHWC frames). The transformers' tokens are the frames' NHWC memory, so entering and leaving a transformer
+        needs no permuted copy and its residual add reads two tensors of one layout; cuDNN's NHWC convolution kernels
+        need no conversions (58 ms of a compiled guided step on an H100, where inductor leaves symbolic-size graphs
+        NCHW), and the temporal ResNet blocks see NDHWC clips. Needs `parallel_group_norm`, for the same reason as
+        `decoder_channels_last`; training, whose group norms are PyTorch's, refuses it. Channels-last for the whole
+        UNet in training was measured slower on an H200 (3.22 vs 2.94 s per step) for that reason. Not measured in
+        generation yet, hence off.
     decoder_channels_last: in generation, the VAE decoder's convolution weights and hence its activations in
         channels-last memory (NHWC frames, NDHWC clips). Frames stored that way are, viewed as clips, already NDHWC, so
         the 2D and temporal convolutions, the residual adds and the mixers all run on one layout: in the eager decode
@@ -113,12 +121,14 @@ class SpeedOptions:
     batched_guidance: bool = True
     one_key_cross_attention: bool = True
     parallel_group_norm: bool = False
+    unet_channels_last: bool = False
     decoder_channels_last: bool = False
 
     def __post_init__(self) -> None:
-        if self.decoder_channels_last and not self.parallel_group_norm:
-            raise ValueError("speed.decoder_channels_last needs speed.parallel_group_norm: PyTorch's CUDA group norm "
-                             "copies channels-last activations to NCHW, which would undo the layout at every norm")
+        for name in ("unet_channels_last", "decoder_channels_last"):
+            if getattr(self, name) and not self.parallel_group_norm:
+                raise ValueError(f"speed.{name} needs speed.parallel_group_norm: PyTorch's CUDA group norm copies "
+                                 "channels-last activations to NCHW, which would undo the layout at every norm")
 
     @classmethod
     def plain(cls) -> SpeedOptions:
@@ -292,6 +302,13 @@ def compile_repeated_blocks(model: nn.Module, mode: CompileMode = "default", sta
     return compiling
 
 
+def refuse_generation_switches(options: SpeedOptions) -> None:
+    """Refuse, for training, the switches that only generation can use."""
+    if options.unet_channels_last:
+        raise ValueError("speed.unet_channels_last is for generation: training's group norms are PyTorch's, which copy "
+                         "channels-last activations to NCHW at every norm; set it false for training")
+
+
 def compiles_on(options: SpeedOptions, device_type: str, selective_checkpointing: bool = False) -> bool:
     """Whether `options` compile a UNet's blocks on `device_type` ("cuda", "cpu", ...).
 
@@ -314,8 +331,8 @@ def compiles_blocks(unet: nn.Module, options: SpeedOptions) -> bool:
 
 
 def apply_speed(unet: nn.Module, options: SpeedOptions) -> None:
-    """Apply the module-level switches (conv layout, cross-attention processors, group norms, compilation) to `unet`
-    in place.
+    """Apply the module-level switches (conv layout, cross-attention processors, group norms, weight layout,
+    compilation) to `unet` in place.
 
     Compilation cannot be undone: once compiled, blocks stay compiled whatever later options say (a later change of
     processor or layout recompiles them).
@@ -323,6 +340,7 @@ def apply_speed(unet: nn.Module, options: SpeedOptions) -> None:
     set_conv_layout(unet, options.conv_layout)
     set_one_key_cross_attention(unet, options.one_key_cross_attention)
     set_parallel_group_norm(unet, options.parallel_group_norm)
+    set_conv_weights_channels_last(unet, options.unet_channels_last)
     if compiles_blocks(unet, options):
         compile_repeated_blocks(unet, options.compile_mode, options.compile_static_shapes, options.compile_scope)
 

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from exvideo.speed import SpeedOptions, apply_speed, enable_checkpointing
+from exvideo.speed import SpeedOptions, apply_speed, enable_checkpointing, refuse_generation_switches
 from exvideo.unet import BASE_FRAMES, extend_unet, extended_num_frames, spatio_temporal_transformers
 
 TRAINABLE_CHILDREN = ("temporal_transformer_blocks.", "time_pos_embed.", "time_proj.")
@@ -54,8 +54,9 @@ def prepare_for_post_tuning(unet: nn.Module, num_frames: int, precision: str = "
 
     precision "bf16": frozen weights in bf16 (the forward runs under autocast), trainable weights and their AdamW
     state in fp32. `speed` picks the convolution layout, what checkpointing recomputes and whether blocks compile
-    (exvideo.speed); it refuses compile_blocks=True with selective checkpointing.
+    (exvideo.speed); it refuses compile_blocks=True with selective checkpointing, and generation's switches.
     """
+    refuse_generation_switches(speed)
     if mode == "all":
         trainable = dict(unet.named_parameters())
         unet.requires_grad_(True)

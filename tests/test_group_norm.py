@@ -11,10 +11,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from exvideo import SpeedOptions, tiny_svd_components
+from exvideo import SpeedOptions, extend_unet, tiny_svd_components
 from exvideo.group_norm import ParallelStatsGroupNorm, group_norm_parallel_stats, set_parallel_group_norm
 from exvideo.speed import apply_decoder_speed, apply_speed
 from pipelines.generate.decode import decode_video
+from pipelines.generate.guidance import Conditioning, guided_model_output
 
 
 class _OpsSeen(TorchDispatchMode):
@@ -164,3 +165,32 @@ def test_a_channels_last_decoder_keeps_one_layout_and_decodes_the_same_video():
     apply_decoder_speed(vae, SpeedOptions())
     convs = [m.weight for m in vae.decoder.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
     assert all(w.is_contiguous() for w in convs)  # switched back
+
+
+def test_a_channels_last_unet_gives_the_same_guided_output_with_channels_last_convolutions(tiny_unet):
+    unet = extend_unet(tiny_unet, 32).requires_grad_(False)
+    generator = torch.Generator().manual_seed(4)
+    latents = torch.randn(1, 10, 4, 8, 8, generator=generator)
+    cond = Conditioning(torch.randn(2, 1, 32, generator=generator), torch.randn(2, 1, 4, 8, 8, generator=generator),
+                        torch.tensor([[29.0, 127.0, 0.02]] * 2), guided=True)
+    ramp = torch.linspace(1.0, 3.0, 10)
+    inputs: dict[str, bool] = {}
+
+    def record(name: str):
+        def hook(module, args):
+            inputs[name] = args[0].is_contiguous(memory_format=torch.channels_last)
+        return hook
+
+    for name, module in unet.named_modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_pre_hook(record(name))
+    with torch.no_grad():
+        apply_speed(unet, SpeedOptions(parallel_group_norm=True))
+        nchw = guided_model_output(unet, latents, torch.tensor(0.5), cond, ramp, batched=True)
+        apply_speed(unet, SpeedOptions(parallel_group_norm=True, unet_channels_last=True))
+        nhwc = guided_model_output(unet, latents, torch.tensor(0.5), cond, ramp, batched=True)
+    assert float((nhwc - nchw).norm() / nchw.norm()) < 1e-4
+    # Every 2D convolution but the first, whose input is the latents, reads channels-last frames.
+    assert len(inputs) > 20 and [name for name, last in inputs.items() if not last] == ["conv_in"]
+    apply_speed(unet, SpeedOptions())
+    assert all(m.weight.is_contiguous() for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))

@@ -339,6 +339,11 @@ def test_speed_settings_are_validated_by_name(tmp_path):
     assert TrainConfig(svd_dir=tmp_path, shards="x", speed={"compile_blocks": True}).speed.compile_blocks is True
     with pytest.raises(ValueError, match="decoder_channels_last needs speed.parallel_group_norm"):
         TrainConfig(svd_dir=tmp_path, shards="x", speed={"decoder_channels_last": True})
+    with pytest.raises(ValueError, match="unet_channels_last is for generation"):
+        TrainConfig(svd_dir=tmp_path, shards="x", speed={"unet_channels_last": True, "parallel_group_norm": True})
+    with pytest.raises(ValueError, match="unet_channels_last is for generation"):
+        prepare_for_post_tuning(torch.nn.Module(), 8, speed=SpeedOptions(unet_channels_last=True,
+                                                                           parallel_group_norm=True))
     assert TrainConfig(svd_dir=tmp_path, shards="x", speed={"decoder_channels_last": True, "parallel_group_norm": True}
                        ).speed.decoder_channels_last
     config = TrainConfig(svd_dir=tmp_path, shards="x", speed={"checkpointing": "selective"})

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from exvideo.speed import SpeedOptions, compiles_on
+from exvideo.speed import SpeedOptions, compiles_on, refuse_generation_switches
 from orchestration.config import StageConfig
 
 
@@ -64,6 +64,7 @@ class TrainConfig(StageConfig):
         # Refuses compile_blocks=true with selective checkpointing now rather than in every worker.
         compiles_on(self.speed, "cuda" if self.use_gpu else "cpu",
                     self.gradient_checkpointing and self.speed.checkpointing == "selective")
+        refuse_generation_switches(self.speed)
         if self.precision == "bf16" and not self.use_gpu:
             raise ValueError("precision bf16 is for GPUs; on CPU use precision=fp32")
         return self
