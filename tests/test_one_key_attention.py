@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import os
 from dataclasses import replace
 
@@ -106,6 +107,13 @@ def test_the_unet_trains_the_same_weights_the_same_way_with_the_shortcut():
         torch.testing.assert_close(plain_weights[name], weights[name], rtol=0, atol=1e-6)
 
 
+def _train_two_steps_under_ddp(block: torch.nn.Module) -> None:
+    model = torch.nn.parallel.DistributedDataParallel(block, find_unused_parameters=False)
+    for _ in range(2):
+        tokens, context = torch.randn(4 * 3, 5, 16), torch.randn(3 * 5, 1, 12)
+        model(tokens, num_frames=4, encoder_hidden_states=context).square().mean().backward()
+
+
 def test_ddp_sees_every_parameter_used_under_the_shortcut(tmp_path):
     """DDP (find_unused_parameters=False, as the training stage wraps the UNet) fails on the second step if a
     trainable weight got no gradient in the first."""
@@ -115,11 +123,11 @@ def test_ddp_sees_every_parameter_used_under_the_shortcut(tmp_path):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        model = torch.nn.parallel.DistributedDataParallel(block, find_unused_parameters=False)
-        for _ in range(2):
-            tokens, context = torch.randn(4 * 3, 5, 16), torch.randn(3 * 5, 1, 12)
-            model(tokens, num_frames=4, encoder_hidden_states=context).square().mean().backward()
+        _train_two_steps_under_ddp(block)
     finally:
+        # Only after the DDP wrapper is gone: freed later, its reducer would destroy the process group itself, and
+        # that teardown once hung the whole test run (joining gloo's threads).
+        gc.collect()
         dist.destroy_process_group()
     assert all(param.grad is not None for param in block.parameters())
     assert not block.attn2.to_q.weight.grad.any() and not block.norm2.weight.grad.any()

@@ -444,3 +444,34 @@ def test_profile_options_and_kernel_kinds():
     assert kernel_kind("triton_per_fused_native_layer_norm_7") == "fused reduction (inductor)"
     assert kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16") == "convolution"
     assert kernel_kind("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_NTN") == "matrix product"
+
+
+def test_the_benchmark_times_the_new_switches_and_decodes_the_same_video(tmp_path):
+    """gpu_bench.py as a GPU session runs it, on the tiny model: eager step rows, a video whose decode takes its own
+    switches, and every eager decode row, each computing what the first row computes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--tiny", "--frames", "8", "--size", "64",
+                    "--parts", "generate", "decode", "--steps", "1", "--warmup", "1", "--video-steps", "1",
+                    "--step-variants", "+one-key cross-attention", "+parallel group norm, channels-last UNet",
+                    "--videos", "best", "--decode-options", "parallel_group_norm=true", "decoder_channels_last=true",
+                    "--skip-compile", "--json", str(out)], cwd=root, check=True, capture_output=True)
+    report = json.loads(out.read_text())
+    steps = report["unet_step"]
+    assert list(steps) == ["+one-key cross-attention", "+parallel group norm, channels-last UNet"]
+    assert steps["+parallel group norm, channels-last UNet"]["options"]["unet_channels_last"] is True
+    # The random tiny model amplifies float32 rounding (these two steps differ by ~1e-2 in float32 and agree to 1e-11
+    # in float64); a wrong layout would differ by order 1.
+    assert all(row["step_s"] > 0 and row["difference_to_first"] < 5e-2 for row in steps.values())
+    (video,) = report["video"].values()
+    assert video["decode_options"] == {"parallel_group_norm": True, "decoder_channels_last": True}
+    assert video["frames"] == 8
+    decode = report["decode"]
+    assert list(decode) == ["eager", "eager, cuDNN autotune", "eager, parallel group norm",
+                            "eager, parallel group norm + channels-last decoder"]
+    assert all(row["decode_s"] > 0 and row["difference_to_first"] < 1e-4 for row in decode.values())
