@@ -45,7 +45,8 @@ REPEATED_BLOCKS = ("BasicTransformerBlock", "TemporalBasicTransformerBlock", "Sp
 
 @dataclass(frozen=True)
 class SpeedOptions:
-    """Speed switches. Training reads all but batched_guidance; generation all but checkpointing.
+    """Speed switches. Generation reads all but checkpointing; training all but batched_guidance, compile_decoder,
+    decoder_channels_last and unet_channels_last (which it refuses).
 
     The defaults are what paid at 128 frames 512x512 (benchmarks/RESULTS.md): channels-last convolution, lean
     checkpointing, batched guidance, the one-key cross-attention shortcut and, on a GPU, compiled blocks. On an H100:
