@@ -5,10 +5,9 @@
 
 Each part runs the project's default `SpeedOptions` without compilation (or --options NAME=VALUE ..., e.g.
 compile_blocks=true compile_static_shapes=true, or compile_decoder=true for the decode), one warm-up call, one timed
-call, then one profiled call. Kernel
-time is grouped by name into matrix work (convolutions, matrix products, attention), memory work (norms, layout
-copies, elementwise, inductor's fused kernels) and the rest, so the share of time that runs at tensor-core rates
-is plain; the timed call shows how long the GPU sat idle between kernels.
+call, then one profiled call. Kernel time is grouped by name into matrix work (convolutions, matrix products,
+attention), memory work (norms, layout copies, elementwise, inductor's fused kernels) and the rest, so the share of
+time that runs at tensor-core rates is plain; the timed call shows how long the GPU sat idle between kernels.
 """
 
 from __future__ import annotations
