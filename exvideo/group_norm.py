@@ -67,12 +67,12 @@ class ParallelStatsGroupNorm(nn.GroupNorm):
 def set_parallel_group_norm(model: nn.Module, enabled: bool) -> int:
     """Give every group norm of `model` parallel statistics, or PyTorch's own group norm back; returns how many group
     norms the switch covers."""
+    wanted = ParallelStatsGroupNorm if enabled else nn.GroupNorm
     covered = 0
     for module in model.modules():
         if type(module) not in (nn.GroupNorm, ParallelStatsGroupNorm):
             continue
         # A class already right is kept: compiled blocks are guarded on their modules, and a change recompiles them.
-        wanted = ParallelStatsGroupNorm if enabled else nn.GroupNorm
         if type(module) is not wanted:
             module.__class__ = wanted
         covered += 1
