@@ -1,7 +1,7 @@
 """Clip decode + resize throughput on one core: our decoder against the ffmpeg command line, same clips, same run.
 
-The work (DESIGN.md section 4): 128 frames of a 720p H.264 video, short side scaled to 512, centre-cropped to
-512x512, as uint8 RGB in memory. Contenders, each limited to one thread:
+The work (results in benchmarks/RESULTS.md, "Clip decode + resize"): 128 frames of a 720p H.264 video, short
+side scaled to 512, centre-cropped to 512x512, as uint8 RGB in memory. Contenders, each limited to one thread:
     ours           preprocessing.decode.ClipDecoder (decord, scaling inside the decoder, then the crop)
     decord-native  decord at native size, then torch antialiased resize (what in-decoder scaling avoids)
     ffmpeg-cli     `ffmpeg -threads 1 -i clip.mp4 -vf scale,crop -f rawvideo -` piped into numpy

@@ -5,7 +5,7 @@ Two layouts are read:
 * ours (`format=exvideo-adapter` in the metadata): diffusers parameter names, plus num_frames, format version and a
   fingerprint of the base UNet;
 * the released reference checkpoint (`ExVideo-SVD-128f-v1`): names `blocks.N.<name>` by the reference
-  implementation's flat block index, mapped to diffusers modules as in DESIGN.md section 2.
+  implementation's flat block index, mapped to diffusers modules as in docs/method.md, section 5.
 
 `load_adapter` detects which it got, extends the UNet if needed, and refuses, naming every problem, when names,
 shapes, num_frames or the base config do not match.

@@ -1,4 +1,4 @@
-"""The shard sample contract (DESIGN.md section 3): one cached training clip as WebDataset entries.
+"""The shard sample contract (docs/method.md, section 4): one cached training clip as WebDataset entries.
 
 Preprocessing writes these, re-sharding copies and filters them, training reads them. Each sample is
 

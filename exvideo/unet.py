@@ -36,7 +36,7 @@ CONFIG_KEY = "exvideo_num_frames"
 def cyclic_position_ids(num_frames: int, base_frames: int = BASE_FRAMES, low: int = CYCLE_LOW) -> list[int]:
     """Position ids ExVideo initialises its table with: 0..base-1, then back and forth between base-1 and `low`.
 
-    For 128 frames this is the list in `shared/reference/exvideo_position_ids_128.txt` (25 -> 23, 44 -> 4, 64 -> 24).
+    For 128 frames this is the reference's list (docs/method.md, section 1): 25 -> 23, 44 -> 4, 64 -> 24.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")

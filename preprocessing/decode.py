@@ -1,8 +1,8 @@
 """Decode a clip with decord, scaled in the decoder, then centre-cropped to the target size; and its motion bucket.
 
-The short side is scaled to the target inside the decoder (ffmpeg's scaler, in decord's thread), which is about
-twice as fast as decoding at native size and resizing afterwards (DESIGN.md section 4). The crop then only drops
-pixels, so the frames reach the encoder without a second interpolation.
+The short side is scaled to the target inside the decoder (ffmpeg's scaler, in decord's thread), which is several
+times faster than decoding at native size and resizing afterwards (benchmarks/RESULTS.md, "Clip decode +
+resize"). The crop then only drops pixels, so the frames reach the encoder without a second interpolation.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The accelerator half of the pipeline: an actor that holds SVD's VAE and CLIP image encoder and encodes clips.
 
-Per clip, as the reference trains on (DESIGN.md section 2):
+Per clip, as the reference trains on (docs/method.md, section 2):
     latents       VAE posterior mean of every frame x vae.config.scaling_factor     [T, 4, H/8, W/8]
     cond_latent   unscaled posterior mode of frame 0 (the mean: the posterior is a diagonal Gaussian)
     image_embeds  CLIP image embedding of frame 0, prepared as diffusers' SVD pipeline prepares it   [1, D]

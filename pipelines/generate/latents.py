@@ -10,7 +10,7 @@ def renormalize_frames(latents: torch.Tensor, contrast: float = 1.2) -> torch.Te
 
     The reference does this by default when generating with the released checkpoint: it counters frames drifting
     darker or greyer along a long video, and the contrast factor compensates its training/decoding scale mismatch
-    (DESIGN.md). `latents` is `[B, T, C, h, w]`; statistics are per video.
+    (docs/method.md, section 3). `latents` is `[B, T, C, h, w]`; statistics are per video.
     """
     frame_dims = (2, 3, 4)
     video_dims = (1, 2, 3, 4)
