@@ -3,37 +3,28 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+import os
 import sys
 from pathlib import Path
 
-from orchestration.config import ConfigError, load_config
-
-# subcommand -> (module, config class, run function, summary formatter or None, help), in data-flow order.
-# Modules import lazily, so `exvideo --help` stays fast.
-STAGES = {
-    "demo": ("orchestration.demo", "DemoConfig", "run_demo", None,
-             "run the main job on embedded defaults (tiny models, CPU)"),
-    "preprocess": ("preprocessing.run", "PreprocessConfig", "run_preprocess", "format_summary",
-                   "corpus -> WebDataset latent shards on Ray Data (resumable); "
-                   "required: input=MANIFEST_OR_FOLDER output=DIR model=SVD_DIR"),
-    "reshard": ("preprocessing.reshard", "ReshardConfig", "run_reshard", "format_reshard_summary",
-                "filter, shuffle and rewrite a shard set into shards of a new size; required: input=SHARDS output=DIR"),
-    "train": ("pipelines.train", "TrainConfig", "run_training", None,
-              "post-tune the temporal modules on latent shards (Ray Train)"),
-    "generate": ("pipelines.generate", "GenerateJobConfig", "run_generate_job", None,
-                 "batch-generate long videos from a listing of images or prompts"),
-    "evaluate": ("pipelines.evaluate.run", "EvaluateConfig", "run_evaluation", None,
-                 "metrics, an HTML report and MLflow runs for folders of generated videos"),
-}
+from exvideo.config import ConfigError, load_config
+from exvideo.console import VERBOSE_ENV, stage_log
+from orchestration.stages import STAGE, STAGES, resolve
 
 
 def _run_stage(args: argparse.Namespace) -> None:
-    module_name, config_name, run_name, formatter, _ = STAGES[args.command]
-    module = importlib.import_module(module_name)
-    result = getattr(module, run_name)(load_config(getattr(module, config_name), args.config, args.overrides))
-    if formatter:
-        print(getattr(module, formatter)(result))
+    stage = STAGE[args.command]
+    config = load_config(stage.config_class(), args.config, args.overrides)
+    with stage_log(getattr(config, stage.folder)):
+        result = resolve(stage.entry)(config)
+    if stage.summary:
+        print(resolve(stage.summary)(result))
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from orchestration.demo import DemoConfig, run_demo
+
+    run_demo(load_config(DemoConfig, args.config, args.overrides))
 
 
 def _make_tiny_model(args: argparse.Namespace) -> None:
@@ -65,15 +56,19 @@ def _run_workflow(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exvideo", description=__doc__)
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's, MLflow's and the model libraries' informational output (always kept "
+                             "in each stage folder's stage.log)")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, (*_, help_text) in STAGES.items():
-        stage = commands.add_parser(name, help=help_text,
-                                    description=f"{help_text}. Fields: see the stage's config class; e.g. "
-                                                f"exvideo {name} --config {name}.yaml --set key=value")
-        stage.add_argument("--config", type=Path, help="YAML file with the stage's config")
-        stage.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                           help="override one config field (repeatable; nested with dots: params.num_frames=48)")
-        stage.set_defaults(func=_run_stage)
+    demo = ("demo", "run the main job on embedded defaults (tiny models, CPU)", _run_demo)
+    for name, help_text, func in (demo, *((stage.name, stage.help, _run_stage) for stage in STAGES)):
+        command = commands.add_parser(name, help=help_text,
+                                      description=f"{help_text}. Fields: see the config class; e.g. "
+                                                  f"exvideo {name} --config {name}.yaml --set key=value")
+        command.add_argument("--config", type=Path, help="YAML file with the config")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                             help="override one config field (repeatable; nested with dots: params.num_frames=48)")
+        command.set_defaults(func=func)
 
     workflow = commands.add_parser("run", help="run a workflow spec: preprocess -> (reshard) -> train -> generate "
                                                "-> evaluate, skipping completed stages and resuming a failed one")
@@ -103,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     try:
-        return args.func(args) or 0
+        with stage_log(None):  # quiet from the first import on; stages add their log files
+            return args.func(args) or 0
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"exvideo {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,8 @@ from pathlib import Path
 from pydantic import Field
 
 from exvideo import write_tiny_svd
-from orchestration.config import StageConfig
+from exvideo.config import StageConfig
+from exvideo.console import WORKFLOW_LOG, stage_log
 from orchestration.runner import StageRecord, format_summary, run_workflow
 from orchestration.spec import load_spec
 from preprocessing.synthetic import write_corpus
@@ -43,7 +44,9 @@ def prepare_inputs(cfg: DemoConfig) -> tuple[Path, Path]:
 
 def run_demo(cfg: DemoConfig) -> list[StageRecord]:
     """Prepare the inputs, run the demo workflow, print where everything is; return the stages' records."""
-    manifest, model = prepare_inputs(cfg)
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    with stage_log(cfg.workdir, WORKFLOW_LOG):
+        manifest, model = prepare_inputs(cfg)
     spec = load_spec(cfg.spec, [f"workdir={cfg.workdir}", f"corpus={manifest}", f"model={model}",
                                 *cfg.spec_overrides])
     records = run_workflow(spec, spec_path=str(cfg.spec))

@@ -1,7 +1,9 @@
 """The workflow runner: the spec's stages as a DAG, each output keyed by content, skipped when done, resumed when not.
 
-A stage's key hashes its config (the section's fields, without the wired paths) and its inputs' keys (the corpus
-and model for the first stages, the upstream stages' keys after that). Its output folder is
+A stage's key hashes its config's output fields (the section's fields less the operational ones and the wired
+paths; `exvideo.config`) and its inputs' keys (the corpus and model for the first stages, the upstream stages' keys
+after that). Operational changes (worker counts, devices, speed switches, logging) therefore keep every key: a
+finished stage is reused, an unfinished one resumes in its folder with the new values. Its output folder is
 `<workdir>/<stage>-<key>`; a `_complete.json` marker, written atomically after everything else, records its
 outputs. A marker means "done": the stage is skipped. No marker means "not done": the stage runs again in the same
 folder, and since every stage resumes from what it left there, a failed stage continues where it stopped.
@@ -20,18 +22,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from orchestration.spec import WIRED, WorkflowSpec
+from exvideo.console import WORKFLOW_LOG, stage_log
+from orchestration.spec import WorkflowSpec
+from orchestration.stages import STAGE, StageRun
 
 MARKER = "_complete.json"
-# Which stages each stage reads from; "corpus" and "model" are the spec's own inputs.
-INPUTS = {
-    "preprocess": ("corpus", "model"),
-    "reshard": ("preprocess",),
-    "train": ("model", "reshard|preprocess"),
-    "generate": ("model", "preprocess", "train"),
-    "evaluate": ("model", "generate"),
-}
-NEEDS_RAY = {"preprocess", "reshard", "train", "generate"}
 
 
 @dataclass
@@ -62,11 +57,10 @@ def stage_keys(spec: WorkflowSpec) -> dict[str, str]:
     """Every stage's content key, in order."""
     keys = _source_keys(spec)
     for stage in spec.stages:
-        config = spec.stage_config(stage, WIRED[stage])
-        fields = config.model_dump(mode="json", exclude=set(WIRED[stage]))
-        if stage == "generate":
-            fields["conditioning_videos"] = spec.generate.get("conditioning_videos")
-        inputs = [keys[next(s for s in name.split("|") if s in keys)] for name in INPUTS[stage]]
+        declared = STAGE[stage]
+        fields = spec.section_config(stage).output_fields(exclude=set(declared.wired))
+        fields.update({key: spec.runner_value(stage, key) for key in declared.runner_keys})
+        inputs = [keys[next(s for s in name.split("|") if s in keys)] for name in declared.inputs]
         digest = json.dumps({"stage": stage, "fields": fields, "inputs": inputs}, sort_keys=True)
         keys[stage] = hashlib.sha256(digest.encode()).hexdigest()[:12]
     return {stage: keys[stage] for stage in spec.stages}
@@ -98,14 +92,6 @@ def select_stages(spec: WorkflowSpec, start: str | None, only: str | None) -> li
     return list(spec.stages)
 
 
-def _run_one(spec: WorkflowSpec, record: StageRecord, upstream: dict[str, dict], parent_run_id: str):
-    from orchestration import stages
-
-    if record.name == "evaluate":
-        return stages.run_evaluate_stage(spec, record.folder, upstream, parent_run_id)
-    return getattr(stages, f"run_{record.name}_stage")(spec, record.folder, upstream)
-
-
 def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None = None,
                  spec_path: str | None = None) -> list[StageRecord]:
     """Run the spec's stages in order, skipping completed ones; return every stage's record.
@@ -119,52 +105,64 @@ def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None 
     keys = stage_keys(spec)
     records = [StageRecord(name, key, spec.workdir / f"{name}-{key}") for name, key in keys.items()]
     spec.workdir.mkdir(parents=True, exist_ok=True)
-    upstream: dict[str, dict] = {}
-    parent = tracking.start_workflow_run(spec, keys, spec_path)
-    print(f"workflow: {len(records)} stages {' -> '.join(keys)}; MLflow run {parent} at {spec.resolved_tracking_uri}")
-    try:
-        for number, record in enumerate(records, 1):
-            marker = read_marker(record.folder)
-            forced = record.name in selected and (start or only)
-            if marker and forced:
-                (record.folder / MARKER).unlink()
-                marker = None
-            if marker:
-                record.status, record.outputs = "skipped", marker["outputs"]
-                record.mlflow_run_id = marker["mlflow_run_id"]
-                print(f"[{number}/{len(records)}] {record.name}: done before, skipped ({record.folder})")
-            elif record.name not in selected:
-                record.status = "not selected"
-                raise ValueError(f"{record.name} has not completed for this spec (no {record.folder / MARKER}); "
-                                 f"run it first: exvideo run SPEC --from {record.name}")
-            else:
-                print(f"[{number}/{len(records)}] {record.name}: running in {record.folder}")
-                _execute(spec, record, upstream, parent)
-                print(f"[{number}/{len(records)}] {record.name}: done in {record.seconds:.1f} s")
-            upstream[record.name] = record.outputs
-            if only and record.name == only:
-                break
-    except BaseException:
-        tracking.end_workflow_run(spec, parent, records, "FAILED")
-        raise
-    tracking.end_workflow_run(spec, parent, records, "FINISHED")
+    with stage_log(spec.workdir, WORKFLOW_LOG):
+        parent = tracking.start_workflow_run(spec, keys, spec_path)
+        print(f"workflow: {len(records)} stages {' -> '.join(keys)}; MLflow run {parent} at "
+              f"{spec.resolved_tracking_uri}")
+        try:
+            _run_records(spec, records, selected, bool(start or only), only, parent)
+        except BaseException:
+            tracking.end_workflow_run(spec, parent, records, "FAILED")
+            raise
+        tracking.end_workflow_run(spec, parent, records, "FINISHED")
     return records
+
+
+def _run_records(spec: WorkflowSpec, records: list[StageRecord], selected: list[str], forcing: bool,
+                 only: str | None, parent_run_id: str) -> None:
+    """Skip each completed stage, run each other selected one, in order."""
+    upstream: dict[str, dict] = {}
+    for number, record in enumerate(records, 1):
+        marker = read_marker(record.folder)
+        if marker and forcing and record.name in selected:
+            (record.folder / MARKER).unlink()
+            marker = None
+        if marker:
+            record.status, record.outputs = "skipped", marker["outputs"]
+            record.mlflow_run_id = marker["mlflow_run_id"]
+            print(f"[{number}/{len(records)}] {record.name}: done before, skipped ({record.folder})")
+        elif record.name not in selected:
+            record.status = "not selected"
+            raise ValueError(f"{record.name} has not completed for this spec (no {record.folder / MARKER}); "
+                             f"run it first: exvideo run SPEC --from {record.name}")
+        else:
+            print(f"[{number}/{len(records)}] {record.name}: running in {record.folder}")
+            _execute(spec, record, upstream, parent_run_id)
+            print(f"[{number}/{len(records)}] {record.name}: done in {record.seconds:.1f} s")
+        upstream[record.name] = record.outputs
+        if only and record.name == only:
+            break
 
 
 def _execute(spec: WorkflowSpec, record: StageRecord, upstream: dict[str, dict], parent_run_id: str) -> None:
     """Run one stage in its folder, track it, and mark it complete (the marker last)."""
+    from exvideo.ray_setup import ensure_ray
     from orchestration import tracking
-    from preprocessing.ray_setup import ensure_ray
 
-    if record.name in NEEDS_RAY:
-        ensure_ray(spec.ray_address)  # started on first need: a run with nothing to do never starts Ray
-    record.folder.mkdir(parents=True, exist_ok=True)
+    stage = STAGE[record.name]
     started = time.perf_counter()
     try:
-        record.outputs, run_id, lineage = _run_one(spec, record, upstream, parent_run_id)
+        with stage_log(record.folder):
+            if stage.needs_ray:
+                ensure_ray(spec.ray_address)  # started on first need: a run with nothing to do never starts Ray
+            record.outputs, run_id, lineage = stage.run(StageRun(spec, record.folder, upstream, parent_run_id))
     except BaseException:
         record.status = "failed"
         raise
+    missing = set(stage.outputs) - set(record.outputs)
+    if missing:
+        raise RuntimeError(f"stage {record.name} returned no {', '.join(sorted(missing))} (it declares "
+                           f"{', '.join(stage.outputs)}): a bug in orchestration/stages.py")
     record.seconds = time.perf_counter() - started
     record.mlflow_run_id = tracking.record_stage_run(spec, parent_run_id, record, run_id, lineage)
     _write_marker(record)

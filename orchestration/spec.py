@@ -12,34 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from orchestration.config import ConfigError, StageConfig, describe_errors, read_yaml_mapping
-
-# Stage name -> (module, config class), in data-flow order; modules import lazily so validation stays light.
-STAGE_CONFIGS = {
-    "preprocess": ("preprocessing.config", "PreprocessConfig"),
-    "reshard": ("preprocessing.reshard", "ReshardConfig"),
-    "train": ("pipelines.train.config", "TrainConfig"),
-    "generate": ("pipelines.generate.job", "GenerateJobConfig"),
-    "evaluate": ("pipelines.evaluate.run", "EvaluateConfig"),
-}
-
-# Fields the runner fills in from the spec and from upstream stages; the placeholder only lets a section be checked
-# before the upstream output exists.
-_PLACEHOLDER = "/wired/by/the/workflow"
-WIRED = {
-    "preprocess": {"input": _PLACEHOLDER, "output": _PLACEHOLDER, "model": _PLACEHOLDER, "ray_address": None},
-    "reshard": {"input": _PLACEHOLDER, "output": _PLACEHOLDER, "ray_address": None},
-    "train": {"svd_dir": _PLACEHOLDER, "shards": _PLACEHOLDER, "storage_path": _PLACEHOLDER, "name": "train",
-              "tracking_uri": None, "experiment": "workflow"},
-    "generate": {"output": _PLACEHOLDER, "model": _PLACEHOLDER, "adapter": _PLACEHOLDER, "ray_address": None},
-    "evaluate": {"videos_dir": [_PLACEHOLDER], "output_dir": _PLACEHOLDER, "tracking_uri": None,
-                 "experiment": "workflow", "parent_run_id": None},
-}
-# Keys a section may hold besides its stage's fields: read by the runner, not by the stage.
-RUNNER_KEYS = {"generate": {"conditioning_videos"}}
-OPTIONAL_STAGES = {"reshard"}
+from exvideo.config import ConfigError, StageConfig, apply_override, describe_errors, read_yaml_mapping
+from exvideo.tracking import default_tracking_uri
+from orchestration.stages import STAGE, STAGES
 
 
 class WorkflowSpec(StageConfig):
@@ -57,6 +34,7 @@ class WorkflowSpec(StageConfig):
     train: dict[str, Any] = Field(default_factory=dict)
     generate: dict[str, Any] = Field(default_factory=dict)
     evaluate: dict[str, Any] = Field(default_factory=dict)
+    _configs: dict[str, StageConfig] = PrivateAttr(default_factory=dict)
 
     @field_validator("workdir", "model")
     @classmethod
@@ -77,47 +55,83 @@ class WorkflowSpec(StageConfig):
 
     @model_validator(mode="after")
     def _sections_are_valid_stage_configs(self) -> "WorkflowSpec":
-        for stage in self.stages:
-            self.stage_config(stage, WIRED[stage])
-        conditioning = self.generate.get("conditioning_videos", 2)
+        configs = {stage: self.stage_config(stage, STAGE[stage].wired) for stage in self.stages}
+        self._configs = configs
+        conditioning = self.runner_value("generate", "conditioning_videos")
         if "input" not in self.generate and (not isinstance(conditioning, int) or conditioning < 1):
             raise ValueError(f"generate.conditioning_videos must be a positive integer (got {conditioning!r}): how "
                              "many preprocessed corpus videos give their first frame to generate from")
+        check_across_stages(self, configs)
         return self
+
+    def section_config(self, stage: str) -> StageConfig:
+        """The stage's config as validated when the spec loaded (wired fields hold placeholders)."""
+        return self._configs[stage]
 
     @property
     def stages(self) -> list[str]:
         """The stages this spec runs, in order."""
-        return [s for s in STAGE_CONFIGS if s not in OPTIONAL_STAGES or getattr(self, s) is not None]
+        return [stage.name for stage in STAGES if not stage.optional or getattr(self, stage.name) is not None]
 
     @property
     def resolved_tracking_uri(self) -> str:
-        return self.tracking_uri or f"sqlite:///{(self.workdir / 'mlflow.db').resolve()}"
+        return self.tracking_uri or default_tracking_uri(self.workdir)
 
     def stage_fields(self, stage: str) -> dict[str, Any]:
         """The section's own stage fields (runner-only keys removed)."""
         section = getattr(self, stage) or {}
-        return {k: v for k, v in section.items() if k not in RUNNER_KEYS.get(stage, set())}
+        return {k: v for k, v in section.items() if k not in STAGE[stage].runner_keys}
 
-    def stage_config(self, stage: str, wired: dict[str, Any]):
+    def runner_value(self, stage: str, key: str) -> Any:
+        """A key of the section that the runner reads, or its default."""
+        return (getattr(self, stage) or {}).get(key, STAGE[stage].runner_keys[key])
+
+    def stage_config(self, stage: str, wired: dict[str, Any]) -> StageConfig:
         """The stage's typed config: the section's fields plus `wired` (the connecting paths)."""
-        import importlib
-
-        module, name = STAGE_CONFIGS[stage]
-        cls = getattr(importlib.import_module(module), name)
         fields = self.stage_fields(stage)
-        for key in sorted(set(fields) & set(WIRED[stage])):
+        for key in sorted(set(fields) & set(STAGE[stage].wired)):
             raise ValueError(f"{stage}.{key} is set by the workflow (from the spec's top level or the previous "
                              f"stage's output); remove it from the {stage} section")
         try:
-            return cls.model_validate({**fields, **wired})
+            return STAGE[stage].config_class().model_validate({**fields, **wired})
         except ValidationError as exc:
             raise ValueError(f"invalid {stage} section: {describe_errors(exc, prefix=stage)}") from None
 
 
+def check_across_stages(spec: WorkflowSpec, configs: dict[str, StageConfig]) -> None:
+    """Refuse, when the spec loads, what would otherwise fail after the stages before it ran; name both fields."""
+    problems = []
+    preprocess, train, generate = configs["preprocess"], configs["train"], configs["generate"]
+    if train.trainable == "temporal" and preprocess.num_frames > train.num_frames:
+        problems.append(f"preprocess.num_frames {preprocess.num_frames} exceeds train.num_frames "
+                        f"{train.num_frames}, the position table the clips train: raise train.num_frames or "
+                        "shorten the clips")
+    if generate.params.method == "exvideo" and generate.params.num_frames > train.num_frames:
+        problems.append(f"generate.params.num_frames {generate.params.num_frames} exceeds train.num_frames "
+                        f"{train.num_frames}, the position table of the adapter train makes: lower "
+                        "generate.params.num_frames or raise train.num_frames")
+    reshard = configs.get("reshard")
+    if reshard is not None and reshard.require_caption and not _corpus_has_captions(spec.corpus):
+        problems.append(f"reshard.require_caption is true but no video of corpus {spec.corpus} has a caption: "
+                        "every clip would be filtered out")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _corpus_has_captions(corpus: str) -> bool:
+    """Whether any source of the corpus has a caption; True when the corpus cannot be read here (preprocess says)."""
+    from preprocessing.manifest import read_sources
+
+    try:
+        rows, _ = read_sources(corpus)
+    except (OSError, ValueError):
+        return True
+    return any((row["caption"] or "").strip() for row in rows)
+
+
 def _inline_config_files(data: dict, base: Path) -> None:
     """Replace each section's `config_file` by the file's fields (inline fields win)."""
-    for stage in STAGE_CONFIGS:
+    for stage in STAGE:
         section = data.get(stage)
         if isinstance(section, dict) and "config_file" in section:
             path = Path(section.pop("config_file"))
@@ -127,13 +141,11 @@ def _inline_config_files(data: dict, base: Path) -> None:
 
 def load_spec(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> WorkflowSpec:
     """Read and validate a workflow spec; `overrides` are `section.field=value` strings applied on top."""
-    from orchestration.config import _apply_override
-
     path = Path(path)
     data = read_yaml_mapping(path, "workflow spec")
     _inline_config_files(data, path.parent)
     for override in overrides:
-        _apply_override(data, override)
+        apply_override(data, override)
     return validate_spec(data, str(path))
 
 

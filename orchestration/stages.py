@@ -1,59 +1,120 @@
-"""What each workflow stage does given its upstream outputs: build the stage's config, run it, name its outputs.
+"""The table of stages: what each stage is, declared once, for the CLI, the workflow spec and the runner.
 
-Every function takes the spec, the stage's output folder and the upstream stages' outputs, and returns
-(outputs, mlflow_run_id or None, lineage tags). Outputs are JSON-ready and recorded in the completion marker, so
-later stages (and later runs) read them from there.
+A stage has a config class (its fields; which of them are operational is declared on the class, see
+`exvideo.config`), a function that runs it on its own (`exvideo <stage>`), the inputs its cache key depends on, the
+fields a workflow wires in from the spec and from upstream outputs, the outputs it hands downstream, and a
+function that runs it inside a workflow. Run functions take a `StageRun` and return (outputs, mlflow_run_id or
+None, lineage tags); outputs are JSON-ready and recorded in the completion marker, so later stages (and later
+runs) read them from there.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from orchestration.spec import WorkflowSpec
+if TYPE_CHECKING:
+    from exvideo.config import StageConfig
+    from orchestration.spec import WorkflowSpec
 
 Outcome = tuple[dict, str | None, dict[str, str]]
 
+# Stands in for a wired path while a section is validated, before the upstream output exists.
+PLACEHOLDER = "/wired/by/the/workflow"
 
-def run_preprocess_stage(spec: WorkflowSpec, out: Path, upstream: dict[str, dict]) -> Outcome:
-    from preprocessing.run import format_summary, run_preprocess
 
-    manifest = run_preprocess(spec.stage_config("preprocess", {
-        "input": spec.corpus, "output": out, "model": spec.model, "ray_address": spec.ray_address}))
+def resolve(target: str) -> Any:
+    """The object a "module:name" string names (imported on first use, so `exvideo --help` stays fast)."""
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass
+class StageRun:
+    """One stage of one workflow invocation: the spec, the stage's folder, upstream outputs, the parent MLflow run."""
+
+    spec: WorkflowSpec
+    folder: Path
+    upstream: dict[str, dict]
+    parent_run_id: str
+
+    def config(self, stage: str, **wired: Any) -> StageConfig:
+        """The stage's typed config: its section's fields plus the wired ones."""
+        return self.spec.stage_config(stage, wired)
+
+    def shards(self) -> str:
+        """The shard folder train reads: reshard's when the spec has one, else preprocess's."""
+        return (self.upstream.get("reshard") or self.upstream["preprocess"])["shards"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage, declared once."""
+
+    name: str
+    config: str  # "module:Class" of its config
+    entry: str  # "module:function" running it on its own, given its config
+    help: str
+    inputs: tuple[str, ...]  # what its key depends on: "corpus", "model", upstream stages ("a|b": the first present)
+    wired: Mapping[str, Any]  # fields the workflow sets (placeholders here); a section may not set them
+    outputs: tuple[str, ...]  # what its completion marker records for later stages
+    run: Callable[[StageRun], Outcome]
+    needs_ray: bool
+    folder: str  # the config field naming its output folder, where `exvideo <stage>` keeps its log
+    summary: str | None = None  # "module:function" formatting `entry`'s result, when `entry` prints none itself
+    optional: bool = False  # runs only when the spec has its section
+    runner_keys: Mapping[str, Any] = field(default_factory=dict)  # section keys the runner reads, with defaults
+
+    def config_class(self) -> type[StageConfig]:
+        return resolve(self.config)
+
+    def operational_fields(self) -> frozenset[str]:
+        """Fields that change how the stage runs, never what it writes: left out of its cache key."""
+        return self.config_class().operational_fields()
+
+
+def run_preprocess(run: StageRun) -> Outcome:
+    from preprocessing.run import format_summary, run_preprocess as preprocess
+
+    spec = run.spec
+    manifest = preprocess(run.config("preprocess", input=spec.corpus, output=run.folder, model=spec.model,
+                                     ray_address=spec.ray_address))
     print(format_summary(manifest))
     counts = manifest["counts"]
     if not counts["samples"]:
         raise ValueError(f"preprocess wrote no clips from {spec.corpus} (failures by reason: "
                          f"{counts['failures_by_reason']}); check the corpus and the clip size fields")
-    return ({"shards": str(out / "shards"), "samples": counts["samples"], "failures": counts["failures"]},
+    return ({"shards": str(run.folder / "shards"), "samples": counts["samples"], "failures": counts["failures"]},
             None, {"lineage.corpus": spec.corpus})
 
 
-def run_reshard_stage(spec: WorkflowSpec, out: Path, upstream: dict[str, dict]) -> Outcome:
-    from preprocessing.reshard import format_reshard_summary, run_reshard
+def run_reshard(run: StageRun) -> Outcome:
+    from preprocessing.reshard import format_reshard_summary, run_reshard as reshard
 
-    source = Path(upstream["preprocess"]["shards"]).parent
-    summary = run_reshard(spec.stage_config("reshard", {"input": source, "output": out,
-                                                        "ray_address": spec.ray_address}))
+    source = Path(run.upstream["preprocess"]["shards"]).parent
+    summary = reshard(run.config("reshard", input=source, output=run.folder, ray_address=run.spec.ray_address))
     print(format_reshard_summary(summary))
-    return {"shards": str(out / "shards")}, None, {"lineage.input_shards": str(source)}
+    return {"shards": str(run.folder / "shards")}, None, {"lineage.input_shards": str(source)}
 
 
-def run_train_stage(spec: WorkflowSpec, out: Path, upstream: dict[str, dict]) -> Outcome:
+def run_train(run: StageRun) -> Outcome:
     from pipelines.train import run_training
 
-    shards = (upstream.get("reshard") or upstream["preprocess"])["shards"]
-    result = run_training(spec.stage_config("train", {
-        "svd_dir": spec.model, "shards": shards, "storage_path": out, "name": "train",
-        "tracking_uri": spec.resolved_tracking_uri, "experiment": spec.experiment}))
+    spec, shards = run.spec, run.shards()
+    result = run_training(run.config(
+        "train", svd_dir=spec.model, shards=shards, storage_path=run.folder, name="train",
+        tracking_uri=spec.resolved_tracking_uri, experiment=spec.experiment, ray_address=spec.ray_address))
     outputs = {"adapter": str(result.adapter), "run_dir": str(result.run_dir), "steps": result.steps,
                "final_loss": result.final_loss}
     return outputs, result.mlflow_run_id, {"lineage.shards": shards}
 
 
-def _conditioning_rows(spec: WorkflowSpec, out: Path, shards_dir: Path) -> Path:
-    """Rows that condition generation on the first frame of the first preprocessed corpus videos."""
-    import json
-
+def conditioning_rows(run: StageRun, count: int) -> Path:
+    """Rows that condition generation on the first frame of the first `count` preprocessed corpus videos."""
     import decord
     import pyarrow.parquet as pq
     from PIL import Image
@@ -61,43 +122,81 @@ def _conditioning_rows(spec: WorkflowSpec, out: Path, shards_dir: Path) -> Path:
     from pipelines.generate.video_io import write_png, write_text
     from preprocessing.manifest import read_sources
 
-    count = spec.generate.get("conditioning_videos", 2)
+    shards_dir = Path(run.upstream["preprocess"]["shards"]).parent
     used = list(dict.fromkeys(pq.read_table(shards_dir / "index.parquet", columns=["source"])["source"].to_pylist()))
-    uris = {row["source"]: row["uri"] for row in read_sources(spec.corpus)[0]}
-    images = out / "conditioning"
+    uris = {row["source"]: row["uri"] for row in read_sources(run.spec.corpus)[0]}
+    images = run.folder / "conditioning"
     images.mkdir(parents=True, exist_ok=True)
     rows = []
     for number, source in enumerate(used[:count]):
         frame = decord.VideoReader(uris[source])[0].asnumpy()
         write_png(images / f"video{number}.png", Image.fromarray(frame))
         rows.append({"id": f"video{number}", "image": f"conditioning/video{number}.png"})
-    listing = out / "rows.jsonl"
+    listing = run.folder / "rows.jsonl"
     write_text(listing, "".join(json.dumps(row) + "\n" for row in rows))
     return listing
 
 
-def run_generate_stage(spec: WorkflowSpec, out: Path, upstream: dict[str, dict]) -> Outcome:
+def run_generate(run: StageRun) -> Outcome:
     from pipelines.generate import run_generate_job
 
-    adapter = upstream["train"]["adapter"]
-    wired = {"output": out, "model": spec.model, "adapter": adapter, "ray_address": spec.ray_address}
+    spec, adapter = run.spec, run.upstream["train"]["adapter"]
+    wired = {"output": run.folder, "model": spec.model, "adapter": adapter, "ray_address": spec.ray_address}
     if "input" not in spec.generate:
-        wired["input"] = _conditioning_rows(spec, out, Path(upstream["preprocess"]["shards"]).parent)
-    summary = run_generate_job(spec.stage_config("generate", wired))
+        wired["input"] = conditioning_rows(run, spec.runner_value("generate", "conditioning_videos"))
+    summary = run_generate_job(run.config("generate", **wired))
     if not summary["made"] and not summary["skipped_done"]:
-        raise ValueError(f"generate made no video; reasons in {out / 'failures.jsonl'}")
-    outputs = {"videos": str(out / "videos"), "made": len(summary["made"]) + len(summary["skipped_done"]),
+        raise ValueError(f"generate made no video; reasons in {run.folder / 'failures.jsonl'}")
+    outputs = {"videos": str(run.folder / "videos"), "made": len(summary["made"]) + len(summary["skipped_done"]),
                "failed": summary["failed"]}
     return outputs, None, {"lineage.adapter": adapter}
 
 
-def run_evaluate_stage(spec: WorkflowSpec, out: Path, upstream: dict[str, dict], parent_run_id: str) -> Outcome:
+def run_evaluate(run: StageRun) -> Outcome:
     from pipelines.evaluate.run import run_evaluation
 
-    videos = upstream["generate"]["videos"]
+    spec, videos = run.spec, run.upstream["generate"]["videos"]
     fields = {"svd_dir": spec.model} if "svd_dir" not in spec.evaluate else {}
-    outcome = run_evaluation(spec.stage_config("evaluate", {
-        **fields, "videos_dir": [videos], "output_dir": out, "tracking_uri": spec.resolved_tracking_uri,
-        "experiment": spec.experiment, "parent_run_id": parent_run_id}))
+    outcome = run_evaluation(run.config(
+        "evaluate", **fields, videos_dir=[videos], output_dir=run.folder, tracking_uri=spec.resolved_tracking_uri,
+        experiment=spec.experiment, parent_run_id=run.parent_run_id))
     outputs = {"report": str(outcome["report"]), "videos_evaluated": len(outcome["results"])}
     return outputs, outcome["run_id"], {"lineage.videos": videos}
+
+
+# In data-flow order.
+STAGES: tuple[Stage, ...] = (
+    Stage("preprocess", config="preprocessing.config:PreprocessConfig", entry="preprocessing.run:run_preprocess",
+          summary="preprocessing.run:format_summary",
+          help="corpus -> WebDataset latent shards on Ray Data (resumable); "
+               "required: input=MANIFEST_OR_FOLDER output=DIR model=SVD_DIR",
+          inputs=("corpus", "model"),
+          wired={"input": PLACEHOLDER, "output": PLACEHOLDER, "model": PLACEHOLDER, "ray_address": None},
+          outputs=("shards", "samples", "failures"), run=run_preprocess, needs_ray=True, folder="output"),
+    Stage("reshard", config="preprocessing.reshard:ReshardConfig", entry="preprocessing.reshard:run_reshard",
+          summary="preprocessing.reshard:format_reshard_summary",
+          help="filter, shuffle and rewrite a shard set into shards of a new size; required: input=SHARDS output=DIR",
+          inputs=("preprocess",), wired={"input": PLACEHOLDER, "output": PLACEHOLDER, "ray_address": None},
+          outputs=("shards",), run=run_reshard, needs_ray=True, folder="output", optional=True),
+    Stage("train", config="pipelines.train.config:TrainConfig", entry="pipelines.train:run_training",
+          help="post-tune the temporal modules on latent shards (Ray Train)",
+          inputs=("model", "reshard|preprocess"),
+          wired={"svd_dir": PLACEHOLDER, "shards": PLACEHOLDER, "storage_path": PLACEHOLDER, "name": "train",
+                 "tracking_uri": None, "experiment": "workflow", "ray_address": None},
+          outputs=("adapter", "run_dir", "steps", "final_loss"), run=run_train, needs_ray=True,
+          folder="storage_path"),
+    Stage("generate", config="pipelines.generate.job:GenerateJobConfig", entry="pipelines.generate:run_generate_job",
+          help="batch-generate long videos from a listing of images or prompts",
+          inputs=("model", "preprocess", "train"),
+          wired={"output": PLACEHOLDER, "model": PLACEHOLDER, "adapter": PLACEHOLDER, "ray_address": None},
+          outputs=("videos", "made", "failed"), run=run_generate, needs_ray=True, folder="output",
+          # How many preprocessed corpus videos give their first frame to generate from (without an `input`).
+          runner_keys={"conditioning_videos": 2}),
+    Stage("evaluate", config="pipelines.evaluate.run:EvaluateConfig", entry="pipelines.evaluate.run:run_evaluation",
+          help="metrics, an HTML report and MLflow runs for folders of generated videos",
+          inputs=("model", "generate"),
+          wired={"videos_dir": [PLACEHOLDER], "output_dir": PLACEHOLDER, "tracking_uri": None,
+                 "experiment": "workflow", "parent_run_id": None},
+          outputs=("report", "videos_evaluated"), run=run_evaluate, needs_ray=False, folder="output_dir"),
+)
+STAGE = {stage.name: stage for stage in STAGES}

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from orchestration.spec import WorkflowSpec
-from pipelines.evaluate.tracking import experiment_id_for, tracking_to
+from exvideo.tracking import experiment_id_for, tracking_to
 
 
 def start_workflow_run(spec: WorkflowSpec, keys: dict[str, str], spec_path: str | None) -> str:

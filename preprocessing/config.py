@@ -9,16 +9,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from orchestration.config import StageConfig
+from exvideo.config import StageConfig, operational
 
 # Bump when the bytes a run writes change for the same config (sample layout, window choice, resize rule).
 FORMAT_VERSION = 1
-
-# Fields that only change how fast or how visibly a run goes, never what it writes: a resumed run may change them.
-EXECUTION_FIELDS = frozenset({
-    "encode_batch_size", "encode_actors", "encode_device", "gpus_per_actor", "decode_threads", "ray_address",
-    "progress",
-})
 
 
 class PreprocessConfig(StageConfig):
@@ -46,21 +40,22 @@ class PreprocessConfig(StageConfig):
                                                                "(5th to 95th percentile) still called constant")
 
     # Encoding.
-    encode_batch_size: int = Field(1, ge=1, description="clips per encoder call")
-    vae_chunk_frames: int = Field(16, ge=1, description="frames per VAE forward pass (bounds activation memory)")
-    encode_actors: int = Field(1, ge=1, description="size of the encoder actor pool")
-    encode_device: Literal["auto", "cpu", "cuda"] = "auto"
-    gpus_per_actor: float = Field(1.0, gt=0, le=1)
+    encode_batch_size: int = operational(1, ge=1, description="clips per encoder call")
+    # The VAE encoder is per frame, so how many frames share a forward pass bounds memory and nothing else.
+    vae_chunk_frames: int = operational(16, ge=1, description="frames per VAE forward pass (bounds memory)")
+    encode_actors: int = operational(1, ge=1, description="size of the encoder actor pool")
+    encode_device: Literal["auto", "cpu", "cuda"] = operational("auto")
+    gpus_per_actor: float = operational(1.0, gt=0, le=1)
     encode_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     # Decoding and output.
-    decode_threads: int = Field(1, ge=0, description="decord threads per decode task (0: decord decides)")
+    decode_threads: int = operational(1, ge=0, description="decord threads per decode task (0: decord decides)")
     shard_max_samples: int = Field(64, ge=1)
     shard_max_bytes: int = Field(1 << 30, ge=1)
 
     # Where it runs.
-    ray_address: str | None = Field(None, description="existing Ray cluster; none starts a local Ray")
-    progress: bool = True
+    ray_address: str | None = operational(None, description="existing Ray cluster; none starts a local Ray")
+    progress: bool = operational(True)
 
     @property
     def clip_span(self) -> int:
@@ -68,10 +63,10 @@ class PreprocessConfig(StageConfig):
         return (self.num_frames - 1) * self.frame_stride + 1
 
     def content_fields(self) -> dict:
-        """The fields that decide what the run writes (not EXECUTION_FIELDS, output or model), JSON-ready."""
+        """The output fields that decide what the run writes (not output or model), JSON-ready."""
         # Where the output and the weights live is not what the run writes: a moved folder stays resumable, and
         # the encoder's weights are checked by their own fingerprint.
-        data = self.model_dump(mode="json", exclude=set(EXECUTION_FIELDS) | {"output", "model"})
+        data = self.output_fields(exclude={"output", "model"})
         data["format_version"] = FORMAT_VERSION
         return data
 

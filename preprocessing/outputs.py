@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from exvideo.console import STAGE_LOG
 from preprocessing.shards import write_atomic
 
 
@@ -21,7 +22,8 @@ def claim_output(folder: Path, manifest_name: str, identity: dict) -> None:
     folder = Path(folder)
     path = folder / manifest_name
     if not path.is_file():
-        if folder.is_dir() and any(folder.iterdir()):
+        # The stage's own log (exvideo.console) may be there already: it is not output.
+        if folder.is_dir() and any(entry.name != STAGE_LOG for entry in folder.iterdir()):
             raise OutputMismatchError(f"output {folder} is not empty and holds no {manifest_name}; "
                                       "give an empty or new folder")
         return

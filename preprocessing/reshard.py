@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import ray
-from pydantic import Field
+from pydantic import Field, model_validator
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from orchestration.config import StageConfig
+from exvideo.config import StageConfig, operational
+from exvideo.ray_setup import ensure_ray, ordered_quiet_data
 from preprocessing.outputs import claim_output, write_run_manifest
-from preprocessing.ray_setup import ensure_ray, ordered_quiet_data
 from preprocessing.shards import (
     INDEX_SCHEMA, file_sha256, member_bytes, read_sample_entries, sample_spans, shard_stats, write_table_atomic,
 )
@@ -44,8 +44,17 @@ class ReshardConfig(StageConfig):
     require_caption: bool = False
     keys_file: Path | None = Field(None, description="keep only the keys listed in this file, one per line")
     shuffle_seed: int | None = Field(None, description="shuffle with this seed; none keeps the input order")
-    ray_address: str | None = Field(None, description="existing Ray cluster; none starts a local Ray")
-    progress: bool = True
+    ray_address: str | None = operational(None, description="existing Ray cluster; none starts a local Ray")
+    progress: bool = operational(True)
+
+    @model_validator(mode="after")
+    def _filters_can_keep_something(self) -> "ReshardConfig":
+        if self.motion_bucket_min > self.motion_bucket_max:
+            raise ValueError(f"motion_bucket_min {self.motion_bucket_min} > motion_bucket_max "
+                             f"{self.motion_bucket_max}: no sample could pass")
+        if self.keys_file is not None and not self.keys_file.is_file():
+            raise ValueError(f"keys_file {self.keys_file} does not exist; give a file with one sample key per line")
+        return self
 
 
 def _filter_reason(row: dict, cfg: ReshardConfig, keys: set[str] | None) -> str | None:
@@ -99,10 +108,8 @@ def run_reshard(cfg: ReshardConfig) -> dict:
     if not index_path.is_file():
         raise FileNotFoundError(f"{index_path} does not exist; reshard reads a shard set written by "
                                 "`exvideo preprocess` or `exvideo reshard`")
-    if cfg.motion_bucket_min > cfg.motion_bucket_max:
-        raise ValueError(f"motion_bucket_min {cfg.motion_bucket_min} > motion_bucket_max {cfg.motion_bucket_max}")
     keys = set(Path(cfg.keys_file).read_text().split()) if cfg.keys_file else None
-    identity = {**cfg.model_dump(mode="json", exclude={"output", "progress", "ray_address"}),
+    identity = {**cfg.output_fields(exclude={"output"}),
                 "input": str(Path(cfg.input).resolve()), "input_index_sha256": file_sha256(index_path)}
     claim_output(cfg.output, RESHARD_MANIFEST, identity)
     shards_dir = Path(cfg.output) / "shards"

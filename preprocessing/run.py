@@ -21,7 +21,7 @@ from preprocessing.ledger import Failure
 from preprocessing.manifest import read_sources
 from preprocessing.outputs import claim_output, write_run_manifest
 from preprocessing.prepare import prepare_source
-from preprocessing.ray_setup import ensure_ray, ordered_quiet_data
+from exvideo.ray_setup import ensure_ray, ordered_quiet_data
 from preprocessing.shards import ShardSetWriter, discard_uncommitted, read_commits, write_tables
 
 RUN_MANIFEST = "run.json"

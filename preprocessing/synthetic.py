@@ -47,7 +47,7 @@ def render_frames(spec: VideoSpec, seed: int = 0) -> np.ndarray:
     for t in range(spec.num_frames):
         frame = background.copy()
         for shape, (colour, origin, heading) in enumerate(zip(colours, start, direction)):
-            cx, cy = _bounce(origin + heading * spec.speed * t, (w, h), radius)
+            cx, cy = bounce(origin + heading * spec.speed * t, (w, h), radius)
             if shape == 0:
                 inside = (x - cx) ** 2 + (y - cy) ** 2 <= radius**2
             else:
@@ -57,7 +57,7 @@ def render_frames(spec: VideoSpec, seed: int = 0) -> np.ndarray:
     return frames
 
 
-def _bounce(position: np.ndarray, size: tuple[int, int], radius: int) -> tuple[float, float]:
+def bounce(position: np.ndarray, size: tuple[int, int], radius: int) -> tuple[float, float]:
     """Reflect a free-moving position back into the frame, as a ball bouncing off the walls."""
     out = []
     for p, extent in zip(position, size):

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny real models of the SVD classes and the reference data copied from shared/reference."""
+"""Shared fixtures: tiny real models of the SVD classes and copies of the reference data (docs/method.md, section 5)."""
 
 from __future__ import annotations
 
@@ -98,7 +98,8 @@ def ray_local():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False)
+        # "local": a Ray of this session's own, whatever other Ray runs on the machine (another session, a head).
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     if started:
         ray.shutdown()

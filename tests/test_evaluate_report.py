@@ -60,6 +60,17 @@ def test_report_page_has_the_tables_and_images_and_needs_no_network(evaluated, t
     sources = re.findall(r'<img[^>]* src="([^"]+)"', dom)
     assert len(sources) == 1 + 3 * 4  # comparison chart + contact sheet, flow and curves per video
     assert all((page.parent / source).is_file() for source in sources)
+    # Each video plays from the report's own copy of its mp4, named relative to the page.
+    players = re.findall(r"<video([^>]*)>", dom)
+    assert len(players) == 4
+    for attributes in players:
+        assert all(re.search(rf"\b{name}\b", attributes) for name in ("controls", "muted", "loop"))
+        assert 'preload="metadata"' in attributes
+        source = re.search(r'src="([^"]+)"', attributes).group(1)
+        assert re.fullmatch(r"videos/[\w.-]+\.mp4", source), source
+        assert (page.parent / source).is_file()
+    copies = sorted((page.parent / "videos").iterdir())
+    assert len(copies) == 4 and all(copy.stat().st_size > 0 for copy in copies)
     assert not re.search(r'(src|href)="(https?:)?//', dom)
     assert "stray.mp4" in dom  # the skipped input is named on the page with its reason
 
@@ -104,7 +115,8 @@ def test_store_holds_the_stage_run_nested_video_runs_metrics_curves_and_artifact
     assert video_files == {"pan.mp4", "pan.json"}
     assert len(client.list_artifacts(pan.info.run_id, "figures")) == 3
     report_files = {Path(f.path).name for f in client.list_artifacts(stage.info.run_id, "report")}
-    assert {"index.html", "summary.json", "images"} <= report_files
+    assert {"index.html", "summary.json", "images", "videos"} <= report_files
+    assert len(client.list_artifacts(stage.info.run_id, "report/videos")) == 4
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -88,6 +88,7 @@ def test_job_makes_exactly_the_good_rows(first_run, job_inputs):
         record = json.loads((videos / f"{row_id}.json").read_text())
         assert (record["frames"], record["fps"], record["seed"], record["method"]) == (frames, fps, seed, "exvideo")
         assert record["adapter"]["sha256"] == adapter_sha
+        assert len(record["frames_sha256"]) == 64 and int(record["frames_sha256"], 16) >= 0  # hex sha256 of the frames
         assert GenerationParams.model_validate(record["params"]).num_frames == frames
         assert record["timings"]["total_s"] >= record["timings"]["denoise_s"] > 0
     assert json.loads((videos / "from-prompt.json").read_text())["source"]["prompt"] == "a red cat"

@@ -14,7 +14,7 @@ from transformers import CLIPVisionModelWithProjection
 
 from exvideo import extended_num_frames, load_svd, write_tiny_svd
 from orchestration.cli import main
-from orchestration.config import ConfigError, load_config
+from exvideo.config import ConfigError, load_config
 from orchestration.demo import DemoConfig
 
 

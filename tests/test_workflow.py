@@ -25,7 +25,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestration.cli import main
-from orchestration.config import ConfigError
+from exvideo.config import ConfigError
 from orchestration.runner import MARKER, select_stages, stage_keys
 from orchestration.spec import load_spec, validate_spec
 
@@ -83,6 +83,77 @@ def test_spec_reads_config_files_and_reports_bad_files(tmp_path, capsys):
         select_stages(spec, None, "deploy")
 
 
+# -- cache keys: operational fields are not part of them --------------------------------------------------------
+
+OPERATIONAL_CHANGES = {
+    "preprocess": {"encode_actors": 2, "encode_batch_size": 3, "decode_threads": 2, "progress": False},
+    "reshard": {"progress": False},
+    "train": {"log_every": 5, "speed": {"compile_blocks": False, "checkpointing": "full"}, "cpus_per_worker": 2,
+              "keep_last": 1, "gradient_checkpointing": True, "max_failures": 0, "use_gpu": True},
+    "generate": {"workers": 2, "device": "cpu", "speed": {"batched_guidance": False}},
+    "evaluate": {"device": "cpu", "run_name": "again"},
+}
+
+
+def keyed(tmp_path: Path, changes: dict) -> dict[str, str]:
+    data = spec_data(tmp_path, tmp_path / "m.json", tmp_path / "model")
+    data["reshard"] = {"shuffle_seed": 0}
+    for stage, fields in changes.items():
+        data[stage] = {**data[stage], **fields}
+    return stage_keys(validate_spec(data))
+
+
+@pytest.mark.parametrize("stage", OPERATIONAL_CHANGES)
+def test_operational_fields_leave_every_stage_key_unchanged(tmp_path, stage):
+    assert keyed(tmp_path, {stage: OPERATIONAL_CHANGES[stage]}) == keyed(tmp_path, {})
+
+
+@pytest.mark.parametrize("stage, change, rekeyed", [
+    ("preprocess", {"num_frames": 12}, ["preprocess", "reshard", "train", "generate", "evaluate"]),
+    ("reshard", {"motion_bucket_min": 3}, ["reshard", "train", "generate", "evaluate"]),
+    ("train", {"lr": 1e-3}, ["train", "generate", "evaluate"]),
+    ("train", {"num_workers": 2}, ["train", "generate", "evaluate"]),  # the global batch
+    ("generate", {"params": {**TINY_STAGES["generate"]["params"], "seed": 4}}, ["generate", "evaluate"]),
+    ("generate", {"conditioning_videos": 2}, ["generate", "evaluate"]),
+    ("evaluate", {"title": "other"}, ["evaluate"]),
+])
+def test_output_fields_rekey_their_stage_and_those_after_it(tmp_path, stage, change, rekeyed):
+    before, after = keyed(tmp_path, {}), keyed(tmp_path, {stage: change})
+    assert [name for name in before if before[name] != after[name]] == rekeyed
+
+
+def test_every_stage_config_declares_its_operational_fields():
+    from orchestration.stages import STAGES
+
+    declared = {stage.name: stage.operational_fields() for stage in STAGES}
+    assert {"encode_actors", "encode_device", "progress", "ray_address"} <= declared["preprocess"]
+    assert {"log_every", "speed", "tracking_uri", "cpus_per_worker", "use_gpu"} <= declared["train"]
+    assert {"workers", "speed", "device", "ray_address"} <= declared["generate"]
+    assert "num_workers" not in declared["train"] and "lr" not in declared["train"]
+
+
+# -- checks across stages, before anything runs -------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    ({"generate": {"params": {"num_frames": 64}}},
+     r"generate\.params\.num_frames 64 exceeds train\.num_frames 16, the position table of the adapter"),
+    ({"preprocess": {"num_frames": 32}}, r"preprocess\.num_frames 32 exceeds train\.num_frames 16"),
+    ({"reshard": {"require_caption": True}}, r"reshard\.require_caption is true but no video of corpus .* caption"),
+    ({"reshard": {"keys_file": "/no/such/keys.txt"}}, r"reshard: keys_file /no/such/keys\.txt does not exist"),
+    ({"reshard": {"motion_bucket_min": 9, "motion_bucket_max": 3}}, r"motion_bucket_min 9 > motion_bucket_max 3"),
+])
+def test_mismatched_stages_are_refused_before_any_folder_is_made(tmp_path, capsys, change, message):
+    corpus = tmp_path / "corpus.json"
+    corpus.write_text('[{"path": "a.mp4"}, {"path": "b.mp4", "cap": ""}]')
+    data = spec_data(tmp_path, corpus, tmp_path / "model")
+    for stage, fields in change.items():
+        data[stage] = {**data.get(stage, {}), **fields}
+    spec = write_spec(tmp_path / "spec.yaml", data)
+    assert main(["run", str(spec)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "work").exists()
+
+
 # -- one real run, failing in train and resumed -----------------------------------------------------------------
 
 def stage_folder(workdir: Path, stage: str) -> Path:
@@ -104,9 +175,11 @@ def workflow(tmp_path_factory, tiny_svd_dir, synthetic_corpus):
     shutil.move(model / "unet", root / "unet-aside")
     assert main(["run", str(spec)]) == 2
     preprocess = stage_folder(workdir, "preprocess")
-    failed = {"preprocess": mtimes(preprocess), "train_marker": list(workdir.glob(f"train-*/{MARKER}"))}
+    failed = {"preprocess": mtimes(preprocess), "train_marker": list(workdir.glob(f"train-*/{MARKER}")),
+              "train_folders": sorted(workdir.glob("train-*"))}
     shutil.move(root / "unet-aside", model / "unet")
-    assert main(["run", str(spec)]) == 0
+    # Resumed with other operational values: the unfinished train stage continues in its own folder.
+    assert main(["run", str(spec), "--set", "train.log_every=2", "--set", "train.cpus_per_worker=0.5"]) == 0
     return {"spec": spec, "workdir": workdir, "failed": failed}
 
 
@@ -115,6 +188,7 @@ def test_failed_train_resumes_without_redoing_preprocessing(workflow, capsys):
     assert workflow["failed"]["train_marker"] == []  # the failed stage left no completion marker
     preprocess = stage_folder(workdir, "preprocess")
     assert mtimes(preprocess) == workflow["failed"]["preprocess"]  # untouched by the resumed run
+    assert sorted(workdir.glob("train-*")) == workflow["failed"]["train_folders"] == [stage_folder(workdir, "train")]
     for stage in ("train", "generate", "evaluate"):
         assert (stage_folder(workdir, stage) / MARKER).is_file()
     videos = sorted(p.name for p in (stage_folder(workdir, "generate") / "videos").glob("*.mp4"))
@@ -133,6 +207,19 @@ def test_second_run_of_a_completed_spec_does_no_work(workflow, capsys):
     assert {stage: mtimes(stage_folder(workdir, stage)) for stage in before} == before
     assert re.search(rf"^  report +{re.escape(str(stage_folder(workdir, 'evaluate')))}/report/index.html$", out, re.M)
     assert f"mlflow ui --backend-store-uri sqlite:///{workdir.resolve()}/mlflow.db" in out
+
+
+def test_operational_changes_rerun_nothing(workflow, capsys):
+    workdir = workflow["workdir"]
+    before = {stage: mtimes(stage_folder(workdir, stage)) for stage in ("preprocess", "train", "generate", "evaluate")}
+    changes = [f"{stage}.{field}={value}" for stage, field, value in (
+        ("preprocess", "encode_actors", 2), ("train", "log_every", 7), ("train", "speed.compile_blocks", "false"),
+        ("generate", "workers", 2), ("generate", "speed.batched_guidance", "false"), ("evaluate", "run_name", "x"))]
+    capsys.readouterr()
+    assert main(["run", str(workflow["spec"]), *(arg for change in changes for arg in ("--set", change))]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done before, skipped") == 4 and "running in" not in out
+    assert {stage: mtimes(stage_folder(workdir, stage)) for stage in before} == before
 
 
 def test_stage_runs_nest_under_the_workflow_run_with_lineage(workflow):
@@ -159,7 +246,8 @@ def test_stage_runs_nest_under_the_workflow_run_with_lineage(workflow):
     assert generate.data.metrics["made"] == 1
     finished = [run.data.tags for run in parents.values() if run.info.status == "FINISHED"]
     assert all(tags["lineage.train.run"] == train.info.run_id for tags in finished)  # ran or skipped: same run
-    assert sorted(tags["stage.train"].split(":")[0] for tags in finished) == ["ran", "skipped"]
+    states = [tags["stage.train"].split(":")[0] for tags in finished]
+    assert states.count("ran") == 1 and set(states) == {"ran", "skipped"}
 
 
 # -- on a real Ray head through the Jobs API ----------------------------------------------------------------------
@@ -250,3 +338,17 @@ def test_only_redoes_one_stage_in_its_folder(workflow, capsys):
     assert "[4/4] evaluate: running in" in out and out.count("done before, skipped") == 3
     assert (evaluate / MARKER).stat().st_mtime_ns > marker_before
     assert {stage: mtimes(stage_folder(workdir, stage)) for stage in upstream} == upstream
+
+
+# Last: it leaves a second train, generate and evaluate folder, which the tests above would not expect.
+def test_an_output_change_reruns_its_stage_and_those_after_it(workflow, capsys):
+    workdir = workflow["workdir"]
+    preprocess = mtimes(stage_folder(workdir, "preprocess"))
+    capsys.readouterr()
+    assert main(["run", str(workflow["spec"]), "--set", "train.lr=2e-5"]) == 0
+    out = capsys.readouterr().out
+    assert re.findall(r"^\[\d/4\] (\w+): (done before, skipped|running in)", out, re.M) == [
+        ("preprocess", "done before, skipped"), ("train", "running in"), ("generate", "running in"),
+        ("evaluate", "running in")]
+    assert mtimes(stage_folder(workdir, "preprocess")) == preprocess
+    assert all(len(list(workdir.glob(f"{stage}-*"))) == 2 for stage in ("train", "generate"))

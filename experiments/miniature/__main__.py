@@ -5,7 +5,7 @@ import argparse
 import ray
 
 from experiments.miniature.run import MiniatureConfig, run_miniature
-from orchestration.config import load_config
+from exvideo.config import load_config
 
 parser = argparse.ArgumentParser(prog="python -m experiments.miniature", description=__doc__)
 parser.add_argument("--config", help="YAML file of MiniatureConfig fields")

@@ -28,7 +28,7 @@ from pydantic import Field
 from exvideo import load_adapter, load_svd, load_unet
 from exvideo.samples import decode_sample
 from exvideo.unet import extend_unet
-from orchestration.config import StageConfig
+from exvideo.config import StageConfig
 from pipelines.train.data import list_shards
 from pipelines.train.state import load_unet_weights
 from experiments.miniature.models import reconstruction_psnr, train_vae, write_svd

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from preprocessing.synthetic import _bounce, write_mp4
+from preprocessing.synthetic import bounce, write_mp4
 
 # Saturated colours, far from the grey-ish background; colour i moves at angle 15 + 60 i degrees.
 PALETTE = ((230, 40, 40), (40, 210, 60), (50, 80, 235), (235, 220, 40), (225, 50, 220), (40, 215, 225))
@@ -46,7 +46,7 @@ class WorldVideo:
     def positions(self, num_frames: int) -> np.ndarray:
         """True object centres [T, 2] (x, y in pixels), bouncing off the walls."""
         start, velocity = np.array(self.start), np.array(self.velocity)
-        return np.array([_bounce(start + velocity * t, (self.size, self.size), self.radius)
+        return np.array([bounce(start + velocity * t, (self.size, self.size), self.radius)
                          for t in range(num_frames)], dtype=np.float32)
 
 

@@ -1,7 +1,9 @@
-"""The per-run report: one self-contained HTML page (inline CSS, local PNGs, no network assets) and its figures.
+"""The per-run report: one self-contained HTML page (inline CSS, local PNGs and mp4s, no network assets) and its
+figures.
 
 The page holds a table comparing methods and runs (means over their videos, FVD per group), a chart of every
-video's curves coloured by method, a per-video table, and per video its contact sheet, flow colour maps and curves.
+video's curves coloured by method, a per-video table, and per video a player for its copy of the mp4
+(`videos/<stem>.mp4` in the report folder), its contact sheet, flow colour maps and curves.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 13px; }
 th, td { border: 1px solid #bbb; padding: 3px 7px; text-align: right; }
 th { background: #eee; } td.text, th.text { text-align: left; }
 img { max-width: 100%; display: block; margin: 0.3em 0 0.8em; }
+video { max-width: 100%; max-height: 360px; display: block; margin: 0.3em 0 0.8em; }
 section.video { border-top: 2px solid #ccc; margin-top: 1.5em; }
 .note { color: #a33; }
 """
@@ -56,6 +59,8 @@ class VideoResult:
     metrics: VideoMetrics
     figures: dict[str, str] = field(default_factory=dict)
     record: dict = field(default_factory=dict)
+    # The report's own copy of the mp4, relative to the report folder (played by a <video> element).
+    video: str | None = None
 
 
 @dataclass
@@ -138,6 +143,9 @@ def _video_section(result: VideoResult) -> str:
              f"({html.escape(result.run)})</h3>"]
     details = ", ".join(f"{key}={result.record[key]}" for key in ("num_frames", "fps", "seed") if key in result.record)
     parts.append(f"<p>{html.escape(details)}</p>")
+    if result.video:
+        parts.append(f'<video controls muted loop preload="metadata" src="{html.escape(result.video)}" '
+                     f'title="{html.escape(result.video_id)}"></video>')
     for key, title in FIGURE_TITLES.items():
         if key in result.figures:
             parts.append(f"<h4>{title}</h4><img src=\"{html.escape(result.figures[key])}\" "

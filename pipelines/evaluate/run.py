@@ -19,15 +19,15 @@ from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from exvideo import load_adapter, load_svd
-from orchestration.config import StageConfig
+from exvideo.config import StageConfig, operational
+from exvideo.tracking import (
+    default_tracking_uri, experiment_id_for, log_histories, log_scalars, register_model, stage_run, tracking_to,
+)
 from pipelines.evaluate import figures
 from pipelines.evaluate.clip_metrics import FVDResult, clip_consistency, compute_fvd, fvd_skip_reason, sample_frames
-from pipelines.evaluate.metrics import video_metrics
+from pipelines.evaluate.metrics import curve_frame_index, video_metrics
 from pipelines.evaluate.report import (
     VideoResult, group_key, publish_dir, render_html, staging_dir, summarise_groups,
-)
-from pipelines.evaluate.tracking import (
-    default_tracking_uri, experiment_id_for, log_curves, log_scalars, register_model, stage_run, tracking_to,
 )
 from pipelines.evaluate.video_model import log_video_model
 from pipelines.evaluate.videos import GeneratedVideo, Skipped, decode, find_videos, load_conditioning, read_frames
@@ -38,13 +38,13 @@ class EvaluateConfig(StageConfig):
 
     videos_dir: list[Path] = Field(min_length=1, description="folder(s) of <id>.mp4 + <id>.json; one per run")
     output_dir: Path = Path("runs/evaluate")
-    tracking_uri: str | None = Field(None, description="default: sqlite:///<output_dir>/mlflow.db")
-    experiment: str = "exvideo"
-    run_name: str = "evaluate"
+    tracking_uri: str | None = operational(None, description="default: sqlite:///<output_dir>/mlflow.db")
+    experiment: str = operational("exvideo")
+    run_name: str = operational("evaluate")
     parent_run_id: str | None = Field(None, description="nest the stage run under this run (e.g. a workflow's)")
     title: str = "ExVideo evaluation"
     svd_dir: Path | None = Field(None, description="local SVD checkpoint: enables CLIP consistency metrics")
-    device: str = "cpu"
+    device: str = operational("cpu")
     i3d_path: Path | None = Field(None, description="local I3D TorchScript file: enables FVD")
     fvd_reference_dir: Path | None = Field(None, description="folder of real mp4 videos FVD compares against")
     fvd_num_frames: int = Field(16, ge=2)
@@ -90,7 +90,8 @@ def _log_video_run(video: GeneratedVideo, result: VideoResult, report_dir: Path)
         declared = video.record.model_dump(mode="json", include=set(type(video.record).model_fields))
         mlflow.log_params({k: v for k, v in declared.items() if v is not None})
         log_scalars(result.metrics.scalars)
-        log_curves(result.metrics.curves)
+        log_histories({f"curve.{name}": (curve_frame_index(name, curve), curve)
+                       for name, curve in result.metrics.curves.items()})
         mlflow.log_artifact(str(video.video_path), "video")
         mlflow.log_artifact(str(video.video_path.with_suffix(".json")), "video")
         for relative in result.figures.values():
@@ -107,8 +108,12 @@ def _evaluate_video(video: GeneratedVideo, stem: str, svd, cfg: EvaluateConfig, 
         metrics.scalars.update(encoder_metrics.scalars)
         metrics.curves.update(encoder_metrics.curves)
     paths = _write_figures(frames, metrics.curves, report_dir / "images", stem, cfg)
+    # The report plays its own copy, so the folder (and its MLflow artifact) works offline and moved elsewhere.
+    copy = f"videos/{stem}.mp4"
+    (report_dir / "videos").mkdir(exist_ok=True)
+    shutil.copyfile(video.video_path, report_dir / copy)
     result = VideoResult(video.record.id, video.record.method, video.run, metrics, paths,
-                         video.record.model_dump(mode="json"))
+                         video.record.model_dump(mode="json"), video=copy)
     return result, frames
 
 

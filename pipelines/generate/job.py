@@ -8,6 +8,7 @@ A row that cannot be made (bad id or parameter, missing or unreadable image, a f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -19,12 +20,14 @@ from typing import Literal
 import numpy as np
 import PIL.Image
 import ray
+import torch
 from pydantic import Field
 from tqdm import tqdm
 
 from exvideo import SpeedOptions
 from exvideo.speed import compiles_on
-from orchestration.config import StageConfig
+from exvideo.config import StageConfig, operational
+from exvideo.ray_setup import ensure_ray
 from pipelines.generate.loading import file_sha256, load_pipeline, resolve_device, resolve_dtype
 from pipelines.generate.params import GenerationParams
 from pipelines.generate.rows import Request, check_row, read_rows
@@ -49,16 +52,21 @@ class GenerateJobConfig(StageConfig):
     text_to_image_steps: int = Field(30, ge=1)
     params: GenerationParams = GenerationParams()
     # Model replicas; default one per GPU in the Ray cluster, or one on the CPU when there is none.
-    workers: int | None = Field(None, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int | None = operational(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = operational("auto")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # How the UNet computes (exvideo.speed): layout, attention backend, compiled blocks, batched guidance.
-    speed: SpeedOptions = Field(default_factory=SpeedOptions)
-    ray_address: str | None = None
+    speed: SpeedOptions = operational(default_factory=SpeedOptions)
+    ray_address: str | None = operational(None)
 
 
 def record_path(output: Path, row_id: str, suffix: str = ".json") -> Path:
     return output / VIDEOS / f"{row_id}{suffix}"
+
+
+def frames_sha256(frames: np.ndarray) -> str:
+    """Hex sha256 of uint8 frames `[T, H, W, 3]` in C order, before encoding: equal hashes mean bitwise equal videos."""
+    return hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest()
 
 
 def _open_image(path: str) -> PIL.Image.Image:
@@ -114,9 +122,11 @@ class VideoMaker:
             "id": request.id, "source": source, "method": params.method, "seed": params.seed,
             "params": params.model_dump(mode="json"), "frames": frames, "width": width, "height": height,
             "fps": params.fps, "model": str(self.cfg.model), "adapter": self.adapter,
+            "frames_sha256": frames_sha256(video.frames),
             "outputs": {"video": f"{request.id}.mp4", "first_frame": f"{request.id}.png"},
             "timings": {k: round(v, 4) for k, v in timings.items()},
-            "device": str(self.device), "host": platform.node(),
+            # On the CPU the frames' bits depend on torch's thread count too (reductions split by thread).
+            "device": str(self.device), "torch_threads": torch.get_num_threads(), "host": platform.node(),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_json(record_path(output, request.id), record)
@@ -174,8 +184,7 @@ def run_generate_job(cfg: GenerateJobConfig) -> dict:
         raise FileNotFoundError(f"text_to_image {cfg.text_to_image} is not a diffusers pipeline directory")
     if cfg.adapter is not None and not cfg.adapter.is_file():
         raise FileNotFoundError(f"adapter {cfg.adapter} does not exist")
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, log_to_driver=False)
+    ensure_ray(cfg.ray_address)
     pending, done, failures = _triage(cfg)
     made = []
     if pending:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from orchestration.config import StageConfig
+from exvideo.config import StageConfig
 
 # ExVideo extends the UNet; the three training-free baselines run the unchanged base model.
 Method = Literal["exvideo", "direct", "chain", "windows"]
@@ -22,7 +22,7 @@ class SecondPass(StageConfig):
 
 
 class GenerationParams(StageConfig):
-    """Everything that decides one video. Defaults are the reference inference settings (DESIGN.md)."""
+    """Everything that decides one video. Defaults are the reference inference settings (docs/method.md, section 3)."""
 
     method: Method = "exvideo"
     num_frames: int = Field(128, ge=2)

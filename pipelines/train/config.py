@@ -8,7 +8,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from exvideo.speed import SpeedOptions, compiles_on, refuse_generation_switches
-from orchestration.config import StageConfig
+from exvideo.config import StageConfig, operational
+from exvideo.tracking import default_tracking_uri
 
 
 class TrainConfig(StageConfig):
@@ -40,22 +41,26 @@ class TrainConfig(StageConfig):
     seed: int = 0
     shuffle_buffer: int = Field(0, ge=0, description="samples held for shuffling within a worker's stream (0: off)")
 
+    # An output field, unlike the other counts: each worker adds batch_size clips of its own shards to every step,
+    # so the worker count sets the global batch and which clips each step sees.
     num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
+    use_gpu: bool = operational(False)
+    cpus_per_worker: float = operational(1, gt=0)
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: frozen weights in bf16, autocast forward")
-    gradient_checkpointing: bool = True
-    speed: SpeedOptions = Field(default_factory=SpeedOptions, description="how the UNet computes (exvideo.speed)")
-    zero_optimizer: bool = Field(False, description="shard AdamW state across workers (ZeroRedundancyOptimizer)")
+    gradient_checkpointing: bool = operational(True)
+    speed: SpeedOptions = operational(default_factory=SpeedOptions, description="how the UNet computes (exvideo.speed)")
+    zero_optimizer: bool = operational(False, description="shard AdamW state across workers (ZeroRedundancyOptimizer)")
 
+    # An output field: the EMA weights are updated at checkpoints.
     checkpoint_every: int = Field(100, ge=1)
-    keep_last: int = Field(3, ge=1, description="checkpoints kept besides the best adapter")
-    max_failures: int = Field(2, ge=-1, description="worker failures to recover from (-1: unlimited)")
-    max_nonfinite: int = Field(5, ge=1, description="consecutive non-finite steps before the run stops")
-    log_every: int = Field(10, ge=1)
+    keep_last: int = operational(3, ge=1, description="checkpoints kept besides the best adapter")
+    max_failures: int = operational(2, ge=-1, description="worker failures to recover from (-1: unlimited)")
+    max_nonfinite: int = operational(5, ge=1, description="consecutive non-finite steps before the run stops")
+    log_every: int = operational(10, ge=1)
 
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite file in storage_path")
-    experiment: str = "exvideo-train"
+    tracking_uri: str | None = operational(None, description="MLflow store; default: sqlite file in storage_path")
+    experiment: str = operational("exvideo-train")
+    ray_address: str | None = operational(None, description="existing Ray cluster; none starts a local Ray")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -75,4 +80,4 @@ class TrainConfig(StageConfig):
 
     @property
     def resolved_tracking_uri(self) -> str:
-        return self.tracking_uri or f"sqlite:///{(self.storage_path / 'mlflow.db').resolve()}"
+        return self.tracking_uri or default_tracking_uri(self.storage_path)

@@ -89,8 +89,8 @@ def _format_eta(seconds: float) -> str:
 
 
 def train_worker(loop_config: dict) -> None:
-    """Ray Train entry point. `loop_config`: {"config": TrainConfig as JSON, "mlflow_run_id": str}."""
-    cfg = TrainConfig.model_validate(loop_config["config"])
+    """Ray Train entry point. `loop_config`: {"config": the validated TrainConfig, "mlflow_run_id": str}."""
+    cfg: TrainConfig = loop_config["config"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()

@@ -7,16 +7,18 @@ latest checkpoint to the workers; the MLflow run id stored beside it keeps the m
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipelines.evaluate.tracking import experiment_id_for
+from exvideo.console import verbose
+from exvideo.ray_setup import ensure_ray
+from exvideo.tracking import experiment_id_for
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import list_shards
 from pipelines.train.loop import BEST_ADAPTER, REPLICA_FILE, train_worker
@@ -108,18 +110,22 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     cfg.storage_path.mkdir(parents=True, exist_ok=True)
     run_id = _mlflow_run(cfg)
     print(f"training run {cfg.run_dir} on {len(shards)} shards; MLflow run {run_id} at {cfg.resolved_tracking_uri}")
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+    ensure_ray(cfg.ray_address)
+    # Ray Train would otherwise send every print of a worker both to its stdout and through its logger, and both
+    # reach this console: one line per training log step, not two. Ray Train passes the variable to its workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},
+        train_loop_config={"config": cfg, "mlflow_run_id": run_id},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
             name=cfg.name, storage_path=str(cfg.storage_path.resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train's own progress lines (resources requested, worker group started) stay in its log files.
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )
     result = trainer.fit()

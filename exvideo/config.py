@@ -1,16 +1,20 @@
 """Typed stage configurations: pydantic models loaded from YAML, with `key.sub=value` overrides from the CLI.
 
 The config object is the single source of truth for a stage; errors name the field, the bad value and the file.
+Every field is one of two kinds. An output field decides what the stage writes; an operational field, declared
+with `operational(...)`, only decides how the run goes (worker and actor counts, devices, speed switches, logging
+cadence, where it tracks). A stage's cache key and its output folder's identity hash the output fields only, so
+changing an operational field reuses finished work and lets an unfinished run resume with the new value.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 T = TypeVar("T", bound="StageConfig")
 
@@ -19,13 +23,39 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message says which field and why."""
 
 
+OPERATIONAL = "operational"
+
+
+def operational(*args: Any, **kwargs: Any) -> Any:
+    """A pydantic `Field` that changes how a stage runs, never what it writes (see the module docstring)."""
+    return Field(*args, json_schema_extra={OPERATIONAL: True}, **kwargs)
+
+
 class StageConfig(BaseModel):
     """Base for every stage config: unknown keys are errors, so typos never pass silently."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @classmethod
+    def operational_fields(cls) -> frozenset[str]:
+        """Names of the fields declared with `operational(...)`."""
+        return frozenset(name for name, info in cls.model_fields.items()
+                         if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get(OPERATIONAL))
 
-def _apply_override(data: dict, override: str) -> None:
+    def output_fields(self, exclude: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+        """JSON-ready values of the fields that decide the output: operational ones (in nested configs too) and
+        `exclude` left out."""
+        data = {}
+        for name in type(self).model_fields:
+            if name in exclude or name in self.operational_fields():
+                continue
+            value = getattr(self, name)
+            nested = isinstance(value, StageConfig)
+            data[name] = value.output_fields() if nested else self.model_dump(mode="json", include={name})[name]
+        return data
+
+
+def apply_override(data: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like key=value (nested keys with dots: train.lr=1e-4)")
     key, raw = override.split("=", 1)
@@ -59,7 +89,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         data = read_yaml_mapping(Path(path), "config file")
         source = str(path)
     for override in overrides:
-        _apply_override(data, override)
+        apply_override(data, override)
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
@@ -71,8 +101,8 @@ def describe_errors(exc: ValidationError, prefix: str = "") -> str:
     problems = []
     for err in exc.errors():
         field = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"]])
-        if field:
+        if err["loc"]:
             problems.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
         else:  # a check across fields: its message names them, and the input is the whole mapping
-            problems.append(err["msg"].removeprefix("Value error, "))
+            problems.append(f"{prefix}: " * bool(prefix) + err["msg"].removeprefix("Value error, "))
     return "; ".join(problems)

@@ -1,4 +1,4 @@
-"""MLflow tracking for the stages: where runs go, nested stage runs, metric curves, registered models.
+"""MLflow helpers every stage uses: where runs go, nested stage runs, metric histories, registered models.
 
 The default store is local and embedded: a sqlite file in the run directory (`sqlite:///<run_dir>/mlflow.db`) with
 artifacts beside it in `<run_dir>/mlartifacts`. Any tracking URI works instead (`http://host:5000` for a tracking
@@ -8,16 +8,13 @@ server, which then decides where artifacts go).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
-import numpy as np
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-
-from pipelines.evaluate.metrics import curve_frame_index
 
 
 def default_tracking_uri(run_dir: Path) -> str:
@@ -69,15 +66,12 @@ def log_scalars(metrics: dict[str, float]) -> None:
     mlflow.log_metrics({name: float(value) for name, value in metrics.items()})
 
 
-def log_curves(curves: dict[str, np.ndarray], prefix: str = "curve.") -> None:
-    """Log each curve to the active run as a metric history whose step is the frame index."""
+def log_histories(histories: dict[str, tuple[Sequence[int], Sequence[float]]]) -> None:
+    """Log each (steps, values) pair to the active run as one metric's history, in a single batch."""
     run_id = mlflow.active_run().info.run_id
     timestamp = int(time.time() * 1000)
-    metrics = [
-        Metric(f"{prefix}{name}", float(value), timestamp, int(step))
-        for name, curve in curves.items()
-        for step, value in zip(curve_frame_index(name, curve), curve)
-    ]
+    metrics = [Metric(name, float(value), timestamp, int(step))
+               for name, (steps, values) in histories.items() for step, value in zip(steps, values)]
     MlflowClient().log_batch(run_id, metrics=metrics)
 
 

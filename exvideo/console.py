@@ -1,0 +1,102 @@
+"""A quiet console: the libraries' informational output goes to a log file, the console keeps what users need.
+
+What stays on the console: the stages' own lines (one per event: a stage starting or done, one line per training
+log step), progress bars, warnings and errors, the final summaries. What goes to the stage's log file
+(`STAGE_LOG` in its folder) instead: Ray's, Ray Data's, Ray Train's, MLflow's, transformers' and diffusers'
+informational lines. `--verbose` keeps them on the console too. In Ray's worker processes the same libraries are
+quietened by `quiet_worker`, which `exvideo.ray_setup` runs from Ray's worker set-up hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+STAGE_LOG = "stage.log"
+WORKFLOW_LOG = "workflow.log"  # in a workflow's workdir: its own lines and every stage's
+VERBOSE_ENV = "EXVIDEO_VERBOSE"
+# Logger -> the least level still shown on the console. transformers and diffusers warn about fallbacks that work
+# (a missing optional backend, a slow tokenizer) and about nothing a user must act on, so only their errors show.
+CONSOLE_LEVELS = {
+    "ray": logging.WARNING, "ray.data": logging.WARNING, "ray.train": logging.WARNING, "ray.tune": logging.WARNING,
+    "mlflow": logging.WARNING, "alembic": logging.WARNING,
+    "transformers": logging.ERROR, "diffusers": logging.ERROR,
+}
+
+
+def verbose() -> bool:
+    """Whether the libraries' informational output should reach the console (`--verbose` sets it)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:
+    return [h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+
+
+@contextlib.contextmanager
+def stage_log(folder: Path | None, name: str = STAGE_LOG) -> Iterator[None]:
+    """Inside the block, the libraries' records go to `folder/name` (nowhere with no folder); their consoles show
+    warnings and errors only (everything, with `--verbose`). Levels and handlers are restored after the block."""
+    _create_library_handlers()
+    handler = None
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(Path(folder) / name, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = []
+    for logger_name, console_level in CONSOLE_LEVELS.items():
+        logger = logging.getLogger(logger_name)
+        saved.append((logger, logger.level, [(h, h.level) for h in _console_handlers(logger)]))
+        if handler is not None:
+            logger.addHandler(handler)
+            if logger.getEffectiveLevel() > logging.INFO:
+                logger.setLevel(logging.INFO)
+        if not verbose():
+            # A library without console handlers of its own reaches the console through Python's last resort,
+            # which shows warnings and errors only.
+            for console in _console_handlers(logger):
+                console.setLevel(max(console.level, console_level))
+    try:
+        yield
+    finally:
+        for logger, level, consoles in saved:
+            if handler is not None:
+                logger.removeHandler(handler)
+            logger.setLevel(level)
+            for console, console_level in consoles:
+                console.setLevel(console_level)
+        if handler is not None:
+            handler.close()
+
+
+def _create_library_handlers() -> None:
+    """Import the libraries whose loggers get console handlers of their own on import, so those handlers exist
+    when `stage_log` sets their levels; quietens the libraries' own progress bars unless verbose."""
+    import diffusers
+    import mlflow  # noqa: F401
+    import ray.data  # noqa: F401
+    import transformers
+
+    transformers.logging.get_logger()  # its console handler is made on the first call
+    if not verbose():
+        transformers.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
+
+
+def quiet_worker() -> None:
+    """In a Ray worker process: the libraries in a worker process show warnings and errors only, no progress bars
+    of their own, and decord (FFmpeg) does not echo the decode errors the preprocess ledger already records."""
+    import decord
+    import diffusers
+    import transformers
+
+    for name, level in CONSOLE_LEVELS.items():
+        logging.getLogger(name).setLevel(level)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    decord.logging.set_level(decord.logging.QUIET)

@@ -1,0 +1,68 @@
+"""Ray start-up for every stage, and Ray Data run in input order with our own progress display.
+
+One rule decides which Ray a stage uses, so no stage attaches to a cluster by accident:
+1. a Ray already initialised in this process (a workflow, a test session, the user's own `ray.init`);
+2. else the cluster at `address` (`auto`, `ray://host:10001`, `host:6379`);
+3. else the cluster named by `RAY_ADDRESS`, which the Ray Jobs API sets for the drivers it starts;
+4. else a new local Ray owned by this process. Ray's own default would attach to whatever cluster the address file
+   in its temp folder names, and a `ray start` killed long ago leaves that file behind, pointing at a dead GCS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import ray
+from ray.data import DataContext
+
+from exvideo.console import VERBOSE_ENV, quiet_worker, verbose
+
+
+def ray_target(address: str | None) -> str:
+    """The address `ensure_ray` hands to `ray.init`: `address`, else `RAY_ADDRESS`, else "local" (a new Ray)."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Use the Ray already initialised in this process, else connect or start one as the module docstring says.
+
+    Ray's informational lines go through Python logging (`exvideo.console.stage_log` files them), and the workers'
+    output reaches this console after `exvideo.console.quiet_worker` has quietened the libraries in each worker.
+    """
+    if ray.is_initialized():
+        return
+    target = ray_target(address)
+    runtime_env = {"worker_process_setup_hook": "exvideo.ray_setup.set_up_worker",
+                   "env_vars": {VERBOSE_ENV: "1"} if verbose() else {}}
+    # configure_logging=False: Ray's records go through Python logging like every other library's.
+    ray.init(address=target, include_dashboard=False if target == "local" else None, runtime_env=runtime_env,
+             configure_logging=False)
+
+
+def set_up_worker() -> None:
+    """Ray's worker set-up hook for every worker of our jobs.
+
+    Pins `RAY_ADDRESS` to the worker's own cluster: Ray Train's placement-group cleaner looks its actors up through
+    the state API without an address, which fails with "multiple active Ray instances" whenever another Ray runs on
+    the same machine. Then quietens the libraries (`exvideo.console.quiet_worker`) unless verbose.
+    """
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    if not verbose():
+        quiet_worker()
+
+
+@contextlib.contextmanager
+def ordered_quiet_data(preserve_order: bool = True) -> Iterator[None]:
+    """Ray Data keeps input order (shard layout depends on it) and leaves the progress display to our tqdm."""
+    context = DataContext.get_current()
+    # Ray Data's bars are off on purpose (our tqdm shows the stage's progress): its warning saying so is not news.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    saved = context.execution_options.preserve_order, context.enable_progress_bars
+    context.execution_options.preserve_order, context.enable_progress_bars = preserve_order, False
+    try:
+        yield
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = saved

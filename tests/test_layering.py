@@ -1,0 +1,72 @@
+"""Imports run downward only: exvideo <- preprocessing, pipelines <- orchestration <- experiments, benchmarks.
+
+Every import statement of the project's packages is read from the source (function-level imports included), so a
+lazy import cannot hide an upward dependency. Private names (a leading underscore) stay inside their package;
+pipelines' stages (train, generate, evaluate) count as packages of their own for that rule.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYER = {"exvideo": 0, "preprocessing": 1, "pipelines": 1, "orchestration": 2, "experiments": 3, "benchmarks": 3}
+
+
+def package_of(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "pipelines" and len(parts) > 1 else parts[0]
+
+
+def imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, imported module, imported names) of every absolute import in the file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module, [alias.name for alias in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name, []) for alias in node.names]
+    return found
+
+
+def violations(root: Path) -> list[str]:
+    problems = []
+    for top, layer in LAYER.items():
+        for path in sorted((root / top).rglob("*.py")):
+            own = package_of(".".join(path.relative_to(root).with_suffix("").parts))
+            for line, module, names in imports(path):
+                target = module.split(".")[0]
+                if target not in LAYER or target == top:
+                    if target != top or package_of(module) == own:
+                        continue
+                elif LAYER[target] >= layer:
+                    problems.append(f"{path.relative_to(root)}:{line}: {top} (layer {layer}) imports {module} "
+                                    f"(layer {LAYER[target]}): imports must run downward")
+                    continue
+                private = [name for name in names if name.startswith("_") and name != "__version__"]
+                private += [part for part in module.split(".") if part.startswith("_") and part != "__init__"]
+                if private:
+                    problems.append(f"{path.relative_to(root)}:{line}: imports private {', '.join(private)} of "
+                                    f"{package_of(module)}")
+    return problems
+
+
+def test_imports_run_downward_and_private_names_stay_home():
+    assert violations(ROOT) == []
+
+
+@pytest.mark.parametrize("where, source, expected", [
+    ("preprocessing", "from orchestration.spec import load_spec\n", "imports must run downward"),
+    ("pipelines/generate", "def f():\n    import preprocessing.run\n", "imports must run downward"),
+    ("preprocessing", "from exvideo.unet import _helper\n", "imports private _helper of exvideo"),
+    ("pipelines/train", "from pipelines.evaluate.metrics import _scale\n", "imports private _scale of pipelines.evaluate"),
+])
+def test_the_walk_catches_each_kind(tmp_path, where, source, expected):
+    (tmp_path / where).mkdir(parents=True)
+    (tmp_path / where / "bad.py").write_text(source)
+    (tmp_path / where / "fine.py").write_text(f"from {where.replace('/', '.')}.bad import _own\n")
+    (problem,) = violations(tmp_path)
+    assert problem.startswith(f"{where}/bad.py:") and expected in problem
