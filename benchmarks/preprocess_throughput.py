@@ -37,7 +37,7 @@ def main() -> None:
         manifest = write_corpus(root / "corpus", good=specs, broken=False)
         model = write_tiny_svd(root / "tiny-svd")
         start = time.perf_counter()
-        ray.init(num_cpus=args.cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False)
         ray_start = time.perf_counter() - start
         runs = {}
         for name in ("cold", "warm"):

@@ -4,7 +4,7 @@ What stays on the console: the stages' own lines (one per event: a stage startin
 log step), progress bars, warnings and errors, the final summaries. What goes to the stage's log file
 (`STAGE_LOG` in its folder) instead: Ray's, Ray Data's, Ray Train's, MLflow's, transformers' and diffusers'
 informational lines. `--verbose` keeps them on the console too. In Ray's worker processes the same libraries are
-quietened by `quiet_worker`, which `exvideo.ray_setup` runs from Ray's worker set-up hook.
+quietened by `worker_environment` and `quiet_worker`, which `exvideo.ray_setup` gives every worker.
 """
 
 from __future__ import annotations
@@ -86,17 +86,16 @@ def _create_library_handlers() -> None:
         diffusers.utils.logging.disable_progress_bar()
 
 
-def quiet_worker() -> None:
-    """In a Ray worker process: the libraries in a worker process show warnings and errors only, no progress bars
-    of their own, and decord (FFmpeg) does not echo the decode errors the preprocess ledger already records."""
-    import decord
-    import diffusers
-    import transformers
+def worker_environment() -> dict[str, str]:
+    """Environment variables for Ray's worker processes: transformers and diffusers read their verbosity, and
+    Hugging Face its progress bars, from the environment when they are first imported, so a worker that never
+    imports them pays nothing."""
+    if verbose():
+        return {VERBOSE_ENV: "1"}
+    return {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
+
+def quiet_worker() -> None:
+    """In a Ray worker process: Ray's libraries show warnings and errors only (logging levels: no imports)."""
     for name, level in CONSOLE_LEVELS.items():
         logging.getLogger(name).setLevel(level)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    decord.logging.set_level(decord.logging.QUIET)

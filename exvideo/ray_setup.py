@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import ray
 from ray.data import DataContext
 
-from exvideo.console import VERBOSE_ENV, quiet_worker, verbose
+from exvideo.console import quiet_worker, verbose, worker_environment
 
 
 def ray_target(address: str | None) -> str:
@@ -35,10 +35,11 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     target = ray_target(address)
-    runtime_env = {"worker_process_setup_hook": "exvideo.ray_setup.set_up_worker",
-                   "env_vars": {VERBOSE_ENV: "1"} if verbose() else {}}
-    # configure_logging=False: Ray's records go through Python logging like every other library's.
-    ray.init(address=target, include_dashboard=False if target == "local" else None, runtime_env=runtime_env,
+    runtime_env = {"worker_process_setup_hook": "exvideo.ray_setup.set_up_worker", "env_vars": worker_environment()}
+    # The dashboard serves the state API, which Ray Train's placement-group cleaner polls every second until it
+    # sees the training controller gone: without it the detached cleaner never learns and polls forever, one more
+    # busy actor per training run. configure_logging=False: Ray's records go through Python logging.
+    ray.init(address=target, include_dashboard=True if target == "local" else None, runtime_env=runtime_env,
              configure_logging=False)
 
 

@@ -11,6 +11,7 @@ import io
 import re
 from dataclasses import dataclass
 
+import decord
 import numpy as np
 import pyarrow.fs as pafs
 from decord import VideoReader
@@ -18,6 +19,10 @@ from decord import VideoReader
 from preprocessing.config import PreprocessConfig
 from preprocessing.ledger import SourceError
 from preprocessing.manifest import filesystem_and_path
+
+# FFmpeg would print its own complaint about every unreadable file (moov atom not found, partial file) to the
+# worker's stderr; the ledger already records each one with its reason.
+decord.logging.set_level(decord.logging.QUIET)
 
 # Leading bytes of the containers videos come in, to tell "not a video" from "a damaged video".
 _SIGNATURES = (

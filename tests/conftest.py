@@ -20,6 +20,11 @@ from exvideo import tiny_svd_components, write_tiny_svd
 
 REFERENCE = Path(__file__).parent / "data" / "reference"
 
+# Ray Train's controller polls its workers every 2 s by default, where a tiny run takes less; and it starts an
+# actor per run watching for cloud preemption, which no test machine has. Ray Train hands both on to its controller.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
 
 @pytest.fixture(scope="session")
 def tiny_svd_dir(tmp_path_factory) -> Path:
@@ -99,7 +104,8 @@ def ray_local():
     started = not ray.is_initialized()
     if started:
         # "local": a Ray of this session's own, whatever other Ray runs on the machine (another session, a head).
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        # The dashboard serves the state API Ray Train's placement-group cleaner needs (exvideo.ray_setup).
+        ray.init(address="local", num_cpus=2, include_dashboard=True)
     yield
     if started:
         ray.shutdown()

@@ -1,10 +1,9 @@
-"""Local checkpoint loading (no downloads), the tiny-model writer, typed configs and the demo command."""
+"""Local checkpoint loading (no downloads), the tiny-model writer, typed configs and the demo command's errors (the
+demo itself runs in tests/test_workflow.py, whose shared workflow run it is)."""
 
 from __future__ import annotations
 
-import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -69,21 +68,6 @@ def test_config_overrides_and_precise_errors(tmp_path):
         load_config(DemoConfig, tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="must look like key=value"):
         load_config(DemoConfig, None, ["seed"])
-
-
-def test_demo_command_runs_the_whole_workflow(tmp_path, capsys):
-    """`exvideo demo` (what `make demo` runs) on the shipped spec, shrunk to the fewest steps."""
-    shrink = "[preprocess.num_frames=8, train.num_frames=16, train.max_steps=2, generate.conditioning_videos=1, " \
-             "generate.params.num_frames=16, generate.params.steps=2]"
-    assert main(["demo", "--set", f"workdir={tmp_path}", "--set", f"spec_overrides={shrink}"]) == 0
-    out = capsys.readouterr().out
-    assert (tmp_path / "tiny-svd" / "model_index.json").is_file() and (tmp_path / "corpus" / "metadata.json").is_file()
-    for stage in ("preprocess", "train", "generate", "evaluate"):
-        assert re.search(rf"^  {stage} +ran ", out, re.M), out[-2000:]
-    videos = re.search(r"^  videos +(\S+)$", out, re.M).group(1)
-    assert [p.name for p in Path(videos).glob("*.mp4")] == ["video0.mp4"]
-    assert Path(re.search(r"^  report +(\S+)$", out, re.M).group(1)).is_file()
-    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path.resolve()}/mlflow.db" in out
 
 
 def test_cli_reports_bad_config_without_traceback(capsys):

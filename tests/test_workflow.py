@@ -1,11 +1,15 @@
-"""The workflow: spec validation, stage caching, resume after a failure in train, lineage, and the Ray Jobs API.
+"""The workflow: spec validation, stage keys, cross-stage checks, resume after a failure in train, lineage, the
+demo, and the Ray Jobs API.
 
-One real workflow run (tiny sizes) is shared by the module: it first fails in train (the model lost its UNet), is
-fixed and resumed; later tests rerun it, read its MLflow store and submit it to a real local Ray head.
+One real workflow run (tiny sizes) is shared by the module: `exvideo demo`, which first fails in train (the model
+lost its UNet), is fixed and resumed; later tests rerun its spec, read its MLflow store and submit it to a real
+local Ray head.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import secrets
@@ -26,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestration.cli import main
 from exvideo.config import ConfigError
+from orchestration.demo import DEMO_SPEC
 from orchestration.runner import MARKER, select_stages, stage_keys
 from orchestration.spec import load_spec, validate_spec
 
@@ -165,22 +170,58 @@ def mtimes(folder: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
+# `exvideo demo` (what `make demo` runs) on the shipped spec, shrunk to the fewest steps.
+DEMO_SHRINK = ["preprocess.num_frames=8", "train.num_frames=16", "train.max_steps=2", "generate.conditioning_videos=1",
+               "generate.params.num_frames=16", "generate.params.steps=2"]
+
+
+def demo(workdir: Path, *overrides: str) -> tuple[int, str]:
+    """Run `exvideo demo` into `workdir`; return its exit code and what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["demo", "--set", f"workdir={workdir}", "--set",
+                     f"spec_overrides=[{', '.join([*DEMO_SHRINK, *overrides])}]"])
+    return code, printed.getvalue()
+
+
 @pytest.fixture(scope="module")
-def workflow(tmp_path_factory, tiny_svd_dir, synthetic_corpus):
+def workflow(tmp_path_factory, tiny_svd_dir):
+    """The demo, first failing in train and then resumed: one real workflow run that the module's tests share.
+
+    The demo writes its model only when the folder has none, so a copy of the session's tiny model without its
+    UNet goes there first: preprocessing reads only the VAE and the image encoder, so the UNet's absence shows
+    first in train. The spec the demo ran is written out for the tests that rerun it with `exvideo run`.
+    """
     root = tmp_path_factory.mktemp("workflow")
-    model = shutil.copytree(tiny_svd_dir, root / "svd")
-    spec = write_spec(root / "spec.yaml", spec_data(root, synthetic_corpus, model))
-    workdir = root / "work"
-    # Preprocessing reads only the VAE and the image encoder, so the UNet's absence shows first in train.
+    workdir = root / "demo"
+    model = shutil.copytree(tiny_svd_dir, workdir / "tiny-svd")
     shutil.move(model / "unet", root / "unet-aside")
-    assert main(["run", str(spec)]) == 2
+    assert demo(workdir)[0] == 2
     preprocess = stage_folder(workdir, "preprocess")
     failed = {"preprocess": mtimes(preprocess), "train_marker": list(workdir.glob(f"train-*/{MARKER}")),
               "train_folders": sorted(workdir.glob("train-*"))}
     shutil.move(root / "unet-aside", model / "unet")
     # Resumed with other operational values: the unfinished train stage continues in its own folder.
-    assert main(["run", str(spec), "--set", "train.log_every=2", "--set", "train.cpus_per_worker=0.5"]) == 0
-    return {"spec": spec, "workdir": workdir, "failed": failed}
+    code, printed = demo(workdir, "train.log_every=2", "train.cpus_per_worker=0.5")
+    assert code == 0, printed[-3000:]
+    spec = load_spec(DEMO_SPEC, [f"workdir={workdir}", f"corpus={workdir / 'corpus' / 'metadata.json'}",
+                                 f"model={model}", *DEMO_SHRINK])
+    written = write_spec(root / "spec.yaml", spec.model_dump(mode="json", exclude_none=True))
+    return {"spec": written, "workdir": workdir, "failed": failed, "printed": printed}
+
+
+def test_demo_runs_the_whole_workflow_and_says_where_everything_is(workflow):
+    out, workdir = workflow["printed"], workflow["workdir"]
+    assert (workdir / "tiny-svd" / "model_index.json").is_file() and (workdir / "corpus" / "metadata.json").is_file()
+    for stage in ("train", "generate", "evaluate"):
+        assert re.search(rf"^  {stage} +ran ", out, re.M), out[-2000:]
+    assert re.search(r"^  preprocess +skipped ", out, re.M)  # done in the failed first run
+    videos = re.search(r"^  videos +(\S+)$", out, re.M).group(1)
+    assert [p.name for p in Path(videos).glob("*.mp4")] == ["video0.mp4"]
+    assert Path(re.search(r"^  report +(\S+)$", out, re.M).group(1)).is_file()
+    assert f"mlflow ui --backend-store-uri sqlite:///{workdir.resolve()}/mlflow.db" in out
+    # One line per training log step (the first, then every log_every-th and the last), each printed once.
+    assert re.findall(r"step \d+/2 loss", out) == ["step 1/2 loss", "step 2/2 loss"], out[-3000:]
 
 
 def test_failed_train_resumes_without_redoing_preprocessing(workflow, capsys):
@@ -226,7 +267,7 @@ def test_stage_runs_nest_under_the_workflow_run_with_lineage(workflow):
     workdir = workflow["workdir"]
     mlflow.set_tracking_uri(f"sqlite:///{workdir.resolve()}/mlflow.db")
     client = MlflowClient()
-    (experiment,) = [e for e in client.search_experiments() if e.name == "exvideo-workflow"]
+    (experiment,) = [e for e in client.search_experiments() if e.name == load_spec(workflow["spec"]).experiment]
     runs = client.search_runs([experiment.experiment_id], max_results=200)
     by_stage = {}
     for run in runs:
@@ -340,15 +381,16 @@ def test_only_redoes_one_stage_in_its_folder(workflow, capsys):
     assert {stage: mtimes(stage_folder(workdir, stage)) for stage in upstream} == upstream
 
 
-# Last: it leaves a second train, generate and evaluate folder, which the tests above would not expect.
+# Last: it leaves a second generate and evaluate folder, which the tests above would not expect.
 def test_an_output_change_reruns_its_stage_and_those_after_it(workflow, capsys):
     workdir = workflow["workdir"]
     preprocess = mtimes(stage_folder(workdir, "preprocess"))
     capsys.readouterr()
-    assert main(["run", str(workflow["spec"]), "--set", "train.lr=2e-5"]) == 0
+    # A generation field (the keys test above covers train.lr, preprocess.num_frames and a reshard filter).
+    assert main(["run", str(workflow["spec"]), "--set", "generate.params.seed=5"]) == 0
     out = capsys.readouterr().out
     assert re.findall(r"^\[\d/4\] (\w+): (done before, skipped|running in)", out, re.M) == [
-        ("preprocess", "done before, skipped"), ("train", "running in"), ("generate", "running in"),
+        ("preprocess", "done before, skipped"), ("train", "done before, skipped"), ("generate", "running in"),
         ("evaluate", "running in")]
     assert mtimes(stage_folder(workdir, "preprocess")) == preprocess
-    assert all(len(list(workdir.glob(f"{stage}-*"))) == 2 for stage in ("train", "generate"))
+    assert len(list(workdir.glob("train-*"))) == 1 and len(list(workdir.glob("generate-*"))) == 2
