@@ -33,7 +33,18 @@ def verbose() -> bool:
 
 
 def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:
-    return [h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    return [h for h in logger.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+
+
+def _reaches_a_listed_ancestor(logger: logging.Logger) -> bool:
+    """Whether the logger's records already propagate to another logger of CONSOLE_LEVELS (ray.train to ray)."""
+    node = logger
+    while node.propagate and node.parent is not None:
+        node = node.parent
+        if node.name in CONSOLE_LEVELS:
+            return True
+    return False
 
 
 @contextlib.contextmanager
@@ -51,7 +62,8 @@ def stage_log(folder: Path | None, name: str = STAGE_LOG) -> Iterator[None]:
         logger = logging.getLogger(logger_name)
         saved.append((logger, logger.level, [(h, h.level) for h in _console_handlers(logger)]))
         if handler is not None:
-            logger.addHandler(handler)
+            if not _reaches_a_listed_ancestor(logger):  # else each record would be written twice
+                logger.addHandler(handler)
             if logger.getEffectiveLevel() > logging.INFO:
                 logger.setLevel(logging.INFO)
         if not verbose():
