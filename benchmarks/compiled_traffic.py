@@ -31,7 +31,8 @@ from torch._inductor import metrics
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
-from exvideo.speed import REPEATED_BLOCKS, CompileScope
+from exvideo.speed import REPEATED_BLOCKS
+from exvideo.speed_options import CompileScope
 from exvideo.unet import ExVideoTransformerSpatioTemporalModel
 import memory_traffic
 from memory_traffic import EAGER_DEFAULTS, TrafficCounter, bf16_unet

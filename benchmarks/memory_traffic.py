@@ -38,7 +38,8 @@ from torch.utils._pytree import tree_leaves
 
 from encode_throughput import SVD_VAE
 from exvideo import LatentBatch, added_time_ids, extend_unet, freeze_for_post_tuning, post_tuning_loss
-from exvideo.speed import REPEATED_BLOCKS, CompileScope, SpeedOptions, apply_speed, enable_checkpointing
+from exvideo.speed import REPEATED_BLOCKS, apply_speed, enable_checkpointing
+from exvideo.speed_options import CompileScope, SpeedOptions
 from exvideo.unet import ExVideoTransformerSpatioTemporalModel
 from gpu_bench import register_cpu_attention_flops
 from pipelines.generate.decode import decode_video

@@ -22,7 +22,7 @@ _EXPORTS = {
     "exvideo.adapter": ("AdapterMismatchError", "adapter_state_dict", "apply_adapter", "load_adapter", "save_adapter"),
     "exvideo.models": ("SVDComponents", "load_svd", "load_unet", "tiny_svd_components", "write_tiny_svd"),
     "exvideo.objective": ("LatentBatch", "added_time_ids", "edm_preconditioning", "karras_sigmas", "post_tuning_loss"),
-    "exvideo.speed": ("SpeedOptions",),
+    "exvideo.speed_options": ("SpeedOptions",),
     "exvideo.trainable": ("freeze_for_post_tuning", "prepare_for_post_tuning", "trainable_parameters"),
     "exvideo.unet": ("cyclic_position_ids", "extend_unet", "extended_num_frames"),
 }

@@ -55,6 +55,14 @@ class StageConfig(BaseModel):
         return data
 
 
+def default_tracking_uri(run_dir: Path) -> str:
+    """The MLflow store a stage uses when its config names none: a sqlite file inside its run directory.
+
+    Here rather than in exvideo.tracking, so that a config resolves its store without importing MLflow.
+    """
+    return f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
+
+
 def apply_override(data: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like key=value (nested keys with dots: train.lr=1e-4)")

@@ -111,3 +111,17 @@ def quiet_worker() -> None:
     """In a Ray worker process: Ray's libraries show warnings and errors only (logging levels: no imports)."""
     for name, level in CONSOLE_LEVELS.items():
         logging.getLogger(name).setLevel(level)
+
+
+def set_up_worker() -> None:
+    """Ray's worker set-up hook for every worker of our jobs.
+
+    Pins `RAY_ADDRESS` to the worker's own cluster: Ray Train's placement-group cleaner looks its actors up through
+    the state API without an address, which fails with "multiple active Ray instances" whenever another Ray runs on
+    the same machine. Then quietens the libraries (`quiet_worker`) unless verbose.
+    """
+    import ray  # already loaded: this runs inside a Ray worker
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    if not verbose():
+        quiet_worker()

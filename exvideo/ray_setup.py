@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import ray
 from ray.data import DataContext
 
-from exvideo.console import quiet_worker, verbose, worker_environment
+from exvideo.console import worker_environment
 
 
 def ray_target(address: str | None) -> str:
@@ -30,29 +30,18 @@ def ensure_ray(address: str | None = None) -> None:
     """Use the Ray already initialised in this process, else connect or start one as the module docstring says.
 
     Ray's informational lines go through Python logging (`exvideo.console.stage_log` files them), and the workers'
-    output reaches this console after `exvideo.console.quiet_worker` has quietened the libraries in each worker.
+    output reaches this console after `exvideo.console.set_up_worker` has quietened the libraries in each worker.
     """
     if ray.is_initialized():
         return
     target = ray_target(address)
-    runtime_env = {"worker_process_setup_hook": "exvideo.ray_setup.set_up_worker", "env_vars": worker_environment()}
+    # The hook lives in exvideo.console, which imports nothing: every Ray worker process runs it on start.
+    runtime_env = {"worker_process_setup_hook": "exvideo.console.set_up_worker", "env_vars": worker_environment()}
     # The dashboard serves the state API, which Ray Train's placement-group cleaner polls every second until it
     # sees the training controller gone: without it the detached cleaner never learns and polls forever, one more
     # busy actor per training run. configure_logging=False: Ray's records go through Python logging.
     ray.init(address=target, include_dashboard=True if target == "local" else None, runtime_env=runtime_env,
              configure_logging=False)
-
-
-def set_up_worker() -> None:
-    """Ray's worker set-up hook for every worker of our jobs.
-
-    Pins `RAY_ADDRESS` to the worker's own cluster: Ray Train's placement-group cleaner looks its actors up through
-    the state API without an address, which fails with "multiple active Ray instances" whenever another Ray runs on
-    the same machine. Then quietens the libraries (`exvideo.console.quiet_worker`) unless verbose.
-    """
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
-    if not verbose():
-        quiet_worker()
 
 
 @contextlib.contextmanager

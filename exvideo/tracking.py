@@ -1,8 +1,8 @@
 """MLflow helpers every stage uses: where runs go, nested stage runs, metric histories, registered models.
 
-The default store is local and embedded: a sqlite file in the run directory (`sqlite:///<run_dir>/mlflow.db`) with
-artifacts beside it in `<run_dir>/mlartifacts`. Any tracking URI works instead (`http://host:5000` for a tracking
-server, which then decides where artifacts go).
+The default store (`exvideo.config.default_tracking_uri`) is local and embedded: a sqlite file in the run directory
+(`sqlite:///<run_dir>/mlflow.db`) with artifacts beside it in `<run_dir>/mlartifacts`. Any tracking URI works instead
+(`http://host:5000` for a tracking server, which then decides where artifacts go).
 """
 
 from __future__ import annotations
@@ -15,11 +15,6 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-
-
-def default_tracking_uri(run_dir: Path) -> str:
-    """The embedded store of a run directory: a sqlite file inside it."""
-    return f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
 
 
 @contextmanager

@@ -13,7 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from exvideo.speed import SpeedOptions, apply_speed, enable_checkpointing, refuse_generation_switches
+from exvideo.speed import apply_speed, enable_checkpointing
+from exvideo.speed_options import SpeedOptions, refuse_generation_switches
 from exvideo.unet import BASE_FRAMES, extend_unet, extended_num_frames, spatio_temporal_transformers
 
 TRAINABLE_CHILDREN = ("temporal_transformer_blocks.", "time_pos_embed.", "time_proj.")

@@ -14,8 +14,9 @@ from typing import Any
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from exvideo.config import ConfigError, StageConfig, apply_override, describe_errors, read_yaml_mapping
-from exvideo.tracking import default_tracking_uri
+from exvideo.config import (
+    ConfigError, StageConfig, apply_override, default_tracking_uri, describe_errors, read_yaml_mapping,
+)
 from orchestration.stages import STAGE, STAGES
 
 

@@ -16,8 +16,9 @@ from conftest import benchmark, float64_backward, unet_inputs
 from exvideo import LatentBatch, SpeedOptions, added_time_ids, extend_unet, post_tuning_loss, prepare_for_post_tuning
 from exvideo.speed import (
     SAVE_MIN_FLOPS_PER_ELEMENT, ChunkCheckpointedFeedForward, attention_backend, compile_repeated_blocks,
-    compiles_blocks, compiles_on, enable_checkpointing, flops_per_output_element, set_conv_layout, speed_context,
+    compiles_blocks, enable_checkpointing, flops_per_output_element, set_conv_layout, speed_context,
 )
+from exvideo.speed_options import compiles_on
 from exvideo.one_key_attention import OneKeyCrossAttnProcessor
 from exvideo.unet import (
     gather_pad_channels_last, reflect_conv3d, reflect_conv3d_channels_last, reflect_pad_channels_last,

@@ -84,13 +84,25 @@ def trained_loss(unet, clips) -> float:
         return post_tuning_loss(unet, batch, sigma=sigma, noise=noise).item()
 
 
-def test_two_workers_learn_agree_keep_frozen_weights_and_track(tmp_path, tiny_svd_dir, ray_local, mlflow_server):
-    # One clip has NaN latents (a broken encoder output): its steps are skipped and counted, never applied.
-    write_shards(tmp_path / "shards", num_shards=2, per_shard=3, nan_keys=("clip001_002",))
-    cfg = config(tmp_path, tiny_svd_dir, tmp_path / "shards", num_workers=2, max_steps=12, checkpoint_every=6,
-                 tracking_uri=mlflow_server[0], experiment="train-test")
-    result = run_training(cfg)
-    assert result.steps == 12
+# Two workers and a clip whose latents are NaN (a broken encoder output): its steps are skipped, counted, never applied.
+TWO_WORKERS = dict(num_workers=2, max_steps=16, nan_keys=("clip001_002",))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_svd_dir, ray_local, mlflow_server):
+    """One uninterrupted two-worker run, tracked on a real `mlflow server`: (config, result). The resume test
+    compares an interrupted run of the same config with it."""
+    root = tmp_path_factory.mktemp("train")
+    write_shards(root / "shards", num_shards=2, per_shard=3, nan_keys=TWO_WORKERS["nan_keys"])
+    cfg = config(root, tiny_svd_dir, root / "shards", name="straight", num_workers=2,
+                 max_steps=TWO_WORKERS["max_steps"], checkpoint_every=8, tracking_uri=mlflow_server[0],
+                 experiment="train-test")
+    return cfg, run_training(cfg)
+
+
+def test_two_workers_learn_agree_keep_frozen_weights_and_track(straight, tiny_svd_dir, mlflow_server):
+    cfg, result = straight
+    assert result.steps == 16
     state = json.loads((result.checkpoint_dir / "state.json").read_text())
     assert state["nonfinite_total"] >= 1
     assert all(torch.isfinite(t).all() for t in read_adapter(result.adapter)[0].values())
@@ -107,63 +119,62 @@ def test_two_workers_learn_agree_keep_frozen_weights_and_track(tmp_path, tiny_sv
 
     # The adapter learned: lower loss on the training clips at fixed noise than the untrained extension.
     from pipelines.train.data import rank_stream
-    clips = [c for _, c in zip(range(6), rank_stream(list_shards(str(tmp_path / "shards")), 0, 1, 0))]
-    clips = [c for c in clips if c.key != "clip001_002"]
+    clips = [c for _, c in zip(range(6), rank_stream(list_shards(cfg.shards), 0, 1, 0))]
+    clips = [c for c in clips if c.key not in TWO_WORKERS["nan_keys"]]
     before = trained_loss(base, clips)
     load_adapter(base, result.adapter)
     assert trained_loss(base, clips) < before
 
     client = mlflow.MlflowClient(mlflow_server[0])
     run = client.get_run(result.mlflow_run_id)
-    assert run.data.params["max_steps"] == "12" and run.data.params["num_workers"] == "2"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 13))
+    assert run.data.params["max_steps"] == "16" and run.data.params["num_workers"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 17))
     assert {"lr", "grad_norm", "samples_per_s", "step_time_s"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert artifacts == {"adapter/adapter.safetensors", "adapter/ema_adapter.safetensors"}
     assert (result.run_dir / "mlflow_run_id.txt").read_text() == result.mlflow_run_id
 
 
-def test_resume_continues_exactly(tmp_path, tiny_svd_dir, ray_local):
-    write_shards(tmp_path / "shards", num_shards=3, per_shard=2)
-    straight = run_training(config(tmp_path, tiny_svd_dir, tmp_path / "shards", name="straight", max_steps=6))
-    run_training(config(tmp_path, tiny_svd_dir, tmp_path / "shards", name="resumed", max_steps=3, checkpoint_every=3))
-    resumed = run_training(config(tmp_path, tiny_svd_dir, tmp_path / "shards", name="resumed", max_steps=6,
-                                  checkpoint_every=3))
-    assert resumed.steps == 6
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    assert [m.step for m in client.get_metric_history(resumed.mlflow_run_id, "loss")] == list(range(1, 7))
-    a, _ = read_adapter(straight.adapter)
-    b, _ = read_adapter(resumed.adapter)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
-    # A second run of a finished config starts no worker and returns the same result.
-    again = run_training(config(tmp_path, tiny_svd_dir, tmp_path / "shards", name="resumed", max_steps=6,
-                                checkpoint_every=3))
-    assert again == resumed
-
-
-def test_killed_worker_is_restarted_from_last_checkpoint(tmp_path, tiny_svd_dir, ray_local):
+def test_stopped_then_killed_run_resumes_exactly(straight, tmp_path):
+    """The straight run's config, run in pieces: stopped at step 6 and re-run with more steps (the driver resumes
+    from the run's last checkpoint), then a worker killed after step 9 (Ray Train restarts the worker group from that
+    checkpoint). It must end with the straight run's weights, its steps logged in one MLflow run."""
     import threading
     import time
 
     import psutil
 
-    write_shards(tmp_path / "shards", num_shards=2, per_shard=2)
-    cfg = config(tmp_path, tiny_svd_dir, tmp_path / "shards", num_workers=2, max_steps=16, checkpoint_every=4,
-                 log_every=4, max_failures=1)
+    cfg, straight_result = straight
+    pieces = cfg.model_copy(update={"storage_path": tmp_path / "runs", "name": "pieces", "checkpoint_every": 3,
+                                    "tracking_uri": None, "max_failures": 1})
+    assert run_training(pieces.model_copy(update={"max_steps": 6})).steps == 6
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("result", run_training(cfg)))
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", run_training(pieces)))
     thread.start()
     deadline = time.time() + 240
-    while not (cfg.run_dir / "checkpoint-00000004").is_dir() and time.time() < deadline:
-        time.sleep(0.2)
+    while not (pieces.run_dir / "checkpoint-00000009").is_dir() and time.time() < deadline:
+        time.sleep(0.05)
     victims = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
     assert victims, "no Ray Train worker process found"
     victims[-1].kill()
     thread.join(timeout=300)
-    assert outcome["result"].steps == 16
-    state = json.loads((outcome["result"].checkpoint_dir / "state.json").read_text())
+    resumed = outcome["result"]
+    assert resumed.steps == 16
+    state = json.loads((resumed.checkpoint_dir / "state.json").read_text())
     assert state["clips_consumed"] == 16
+    a, _ = read_adapter(straight_result.adapter)
+    b, _ = read_adapter(resumed.adapter)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+    # One MLflow run for all pieces: the steps before the restored checkpoint logged once each; steps the killed
+    # worker group made after it are made (and logged) again.
+    client = mlflow.MlflowClient(pieces.resolved_tracking_uri)
+    steps = [m.step for m in client.get_metric_history(resumed.mlflow_run_id, "loss")]
+    assert steps[:9] == list(range(1, 10)) and set(steps) == set(range(1, 17))
+    # A second run of a finished config starts no worker and returns the same result.
+    assert run_training(pieces) == resumed
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, tiny_svd_dir, ray_local):

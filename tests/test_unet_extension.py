@@ -90,9 +90,10 @@ def test_save_pretrained_then_load_unet_round_trip(tiny_unet, tmp_path):
     extended.save_pretrained(tmp_path / "unet")
     loaded = load_unet(tmp_path / "unet")
     assert extended_num_frames(loaded) == 48
-    assert set(loaded.state_dict()) == set(extended.state_dict())
+    loaded_tensors = loaded.state_dict()
+    assert set(loaded_tensors) == set(extended.state_dict())
     for name, tensor in extended.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor), name
+        assert torch.equal(loaded_tensors[name], tensor), name
     assert torch.equal(run(loaded, 30), run(extended, 30))
 
 

@@ -19,10 +19,8 @@ from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from exvideo import load_adapter, load_svd
-from exvideo.config import StageConfig, operational
-from exvideo.tracking import (
-    default_tracking_uri, experiment_id_for, log_histories, log_scalars, register_model, stage_run, tracking_to,
-)
+from exvideo.config import StageConfig, default_tracking_uri, operational
+from exvideo.tracking import experiment_id_for, log_histories, log_scalars, register_model, stage_run, tracking_to
 from pipelines.evaluate import figures
 from pipelines.evaluate.clip_metrics import FVDResult, clip_consistency, compute_fvd, fvd_skip_reason, sample_frames
 from pipelines.evaluate.metrics import curve_frame_index, video_metrics

@@ -24,8 +24,7 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
-from exvideo import SpeedOptions
-from exvideo.speed import compiles_on
+from exvideo.speed_options import SpeedOptions, compiles_on
 from exvideo.config import StageConfig, operational
 from exvideo.ray_setup import ensure_ray
 from pipelines.generate.loading import file_sha256, load_pipeline, resolve_device, resolve_dtype

@@ -1,6 +1,18 @@
-"""Post-tuning of the ExVideo temporal modules with Ray Train on cached latent shards."""
+"""Post-tuning of the ExVideo temporal modules with Ray Train on cached latent shards.
 
-from pipelines.train.config import TrainConfig
-from pipelines.train.run import TrainResult, run_training
+Public API: TrainConfig, run_training, TrainResult. Imported on first use: Ray Train's controller unpickles the
+training config, and importing this package for it should not also import torch, diffusers and MLflow.
+"""
 
-__all__ = ["TrainConfig", "TrainResult", "run_training"]
+import importlib
+
+_EXPORTS = {"TrainConfig": "config", "TrainResult": "run", "run_training": "run"}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"pipelines.train.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'pipelines.train' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

@@ -7,9 +7,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from exvideo.speed import SpeedOptions, compiles_on, refuse_generation_switches
-from exvideo.config import StageConfig, operational
-from exvideo.tracking import default_tracking_uri
+from exvideo.config import StageConfig, default_tracking_uri, operational
+from exvideo.speed_options import SpeedOptions, compiles_on, refuse_generation_switches
 
 
 class TrainConfig(StageConfig):
