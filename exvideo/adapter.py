@@ -137,9 +137,11 @@ def adapter_state_dict(unet: nn.Module, layout: str = "diffusers") -> dict[str, 
     raise ValueError(f"unknown adapter layout {layout!r}; use 'diffusers' or 'reference'")
 
 
-def adapter_metadata(unet: nn.Module, base_model: str = "") -> dict[str, str]:
-    """The metadata an adapter of `unet` carries: format, num_frames and what base it fits."""
-    return {
+def adapter_metadata(unet: nn.Module, base_model: str = "", training: dict[str, str] | None = None,
+                     ) -> dict[str, str]:
+    """The metadata an adapter of `unet` carries: format, num_frames, what base it fits, and `training`'s entries
+    (what generation should know of how it was trained: fps_condition and fps)."""
+    return {**(training or {}),
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "num_frames": str(extended_num_frames(unet)),

@@ -115,8 +115,9 @@ def _check_shapes(clip: LatentClip) -> None:
         )
 
 
-def collate(clips: list[LatentClip], noise_aug: float = 0.0) -> LatentBatch:
-    """Stack clips of equal shape into a training batch (fps and motion bucket from each clip's record)."""
+def collate(clips: list[LatentClip], noise_aug: float = 0.0, fps: float | None = None) -> LatentBatch:
+    """Stack clips of equal shape into a training batch: motion bucket from each clip's record, and fps `fps` for
+    every clip, or each clip's own (its record) when None."""
     shapes = {c.latents.shape for c in clips}
     if len(shapes) != 1:
         raise SampleFormatError(f"cannot batch clips of different shapes {sorted(shapes)}; use batch size 1 or bucket")
@@ -125,7 +126,8 @@ def collate(clips: list[LatentClip], noise_aug: float = 0.0) -> LatentBatch:
         cond_latent=torch.from_numpy(np.stack([c.cond_latent for c in clips])).float(),
         image_embeds=torch.from_numpy(np.stack([c.image_embeds for c in clips])).float(),
         added_time_ids=added_time_ids(
-            torch.tensor([c.record.fps for c in clips]), torch.tensor([c.record.motion_bucket for c in clips]),
+            torch.tensor([c.record.fps if fps is None else fps for c in clips]),
+            torch.tensor([c.record.motion_bucket for c in clips]),
             noise_aug=noise_aug,
         ),
     )

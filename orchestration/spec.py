@@ -107,10 +107,15 @@ def check_across_stages(spec: WorkflowSpec, configs: dict[str, StageConfig]) -> 
         problems.append(f"preprocess.num_frames {preprocess.num_frames} exceeds train.num_frames "
                         f"{train.num_frames}, the position table the clips train: raise train.num_frames or "
                         "shorten the clips")
-    if generate.params.method == "exvideo" and generate.params.num_frames > train.num_frames:
-        problems.append(f"generate.params.num_frames {generate.params.num_frames} exceeds train.num_frames "
+    params = generate.params
+    if params.method == "exvideo" and params.overlap is not None and params.overlap >= train.num_frames:
+        problems.append(f"generate.params.overlap {params.overlap} must be below train.num_frames "
+                        f"{train.num_frames}: each window of a continued video is one position table long")
+    elif params.method == "exvideo" and params.num_frames > train.num_frames and params.overlap is None:
+        problems.append(f"generate.params.num_frames {params.num_frames} exceeds train.num_frames "
                         f"{train.num_frames}, the position table of the adapter train makes: lower "
-                        "generate.params.num_frames or raise train.num_frames")
+                        "generate.params.num_frames, raise train.num_frames, or set generate.params.overlap to "
+                        "continue window after window")
     reshard = configs.get("reshard")
     if reshard is not None and reshard.require_caption and not _corpus_has_captions(spec.corpus):
         problems.append(f"reshard.require_caption is true but no video of corpus {spec.corpus} has a caption: "

@@ -101,7 +101,10 @@ def registered(evaluated):
 
 def test_registered_model_makes_bitwise_the_video_the_generate_job_makes(registered, generated, adapter, tmp_path):
     image, record = generated
-    assert record["params"] == GenerationParams(**GENERATION).model_dump(mode="json")
+    # Unset fields filled from the adapter's sampling defaults (an adapter without training metadata: ours).
+    filled = {"fps": 30, "renormalize": False, "contrast": 1.0}
+    assert record["params"] == GenerationParams(**GENERATION, **filled).model_dump(mode="json")
+    assert record["sampling_defaults"]["filled"] == filled
     assert record["adapter"]["sha256"] == hashlib.sha256(Path(adapter).read_bytes()).hexdigest()
     # CPU float sums depend on how many threads split them: Ray runs a 1-CPU job worker with one torch thread, so
     # the model predicts with one here too (same device, dtype and threads: the same arithmetic).
@@ -136,12 +139,14 @@ def test_signature_params_are_generation_params_fields_with_their_defaults(regis
     specs = {spec.name: spec for spec in registered.metadata.get_params_schema().params}
     assert list(specs) == list(GenerationParams.model_fields)
     defaults = GenerationParams().model_dump()
-    assert {name: spec.default for name, spec in specs.items()} == {**defaults, "num_frames": 16}
+    assert {name: spec.default for name, spec in specs.items()} == {**defaults, "num_frames": 16, "frames": "{}"}
     types = {name: spec.dtype.name for name, spec in specs.items()}
     assert (types["method"], types["steps"], types["min_guidance"], types["renormalize"]) == (
         "string", "long", "double", "boolean")
     assert (types["decode_tile"], types["second_pass"]) == ("long", "string")  # None defaults; JSON for the model
+    assert (types["fps"], types["contrast"], types["frames"]) == ("long", "double", "string")
     params = generation_params(GenerationParams(num_frames=16), {
-        "second_pass": '{"height": 128, "width": 96}', "decode_tile": 32, "decode_tile_overlap": 8})
-    assert params.second_pass == SecondPass(height=128, width=96)
+        "second_pass": '{"height": 128, "width": 96}', "decode_tile": 32, "decode_tile_overlap": 8,
+        "frames": '{"3": "a.png"}'})
+    assert params.second_pass == SecondPass(height=128, width=96) and params.frames == {3: "a.png"}
     assert (params.decode_tile, params.num_frames) == (32, 16)

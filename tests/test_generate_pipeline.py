@@ -11,7 +11,7 @@ import torch
 from pipelines.generate import GenerationParams, generate_video, load_pipeline, write_mp4
 from pipelines.generate.decode import decode_video
 from pipelines.generate.guidance import guidance_ramp, guided_model_output
-from pipelines.generate.latents import renormalize_frames
+from pipelines.generate.latents import post_process_latents
 from pipelines.generate.noise import shuffled_window_noise
 from pipelines.generate.windows import blended_map, window_starts
 
@@ -165,7 +165,7 @@ def test_tiled_decode_keeps_shape_and_stays_close(exvideo_pipe):
 
 def test_renormalize_gives_every_frame_the_video_statistics_times_contrast():
     latents = torch.randn(2, 6, 4, 8, 8) * torch.linspace(0.5, 2, 6).view(1, 6, 1, 1, 1) + 3
-    out = renormalize_frames(latents, contrast=1.2)
+    out = post_process_latents(latents, renormalize=True, contrast=1.2)
     for video in range(2):
         mean, std = latents[video].mean(), latents[video].std()
         torch.testing.assert_close(out[video].mean(dim=(1, 2, 3)), (mean * 1.2).expand(6), atol=1e-4, rtol=1e-4)

@@ -69,7 +69,7 @@ def test_trainable_all_trains_every_weight_and_checkpoints_them():
     unet = tiny_svd_components().unet
     trainable = prepare_for_post_tuning(unet, 8, "fp32", False, "cpu", mode="all")
     assert len(trainable) == len(list(unet.parameters())) and all(p.requires_grad for p in unet.parameters())
-    assert checkpoint_metadata(unet, "base")["format"] == "exvideo-unet-weights"
+    assert checkpoint_metadata(unet, "base", {})["format"] == "exvideo-unet-weights"
     tensors = {k: v.clone() + 1 for k, v in checkpoint_tensors(unet).items()}
     other = tiny_svd_components(seed=1).unet
     load_unet_weights(other, tensors)

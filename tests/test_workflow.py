@@ -142,6 +142,8 @@ def test_every_stage_config_declares_its_operational_fields():
 @pytest.mark.parametrize("change, message", [
     ({"generate": {"params": {"num_frames": 64}}},
      r"generate\.params\.num_frames 64 exceeds train\.num_frames 16, the position table of the adapter"),
+    ({"generate": {"params": {"num_frames": 64, "overlap": 16}}},
+     r"generate\.params\.overlap 16 must be below train\.num_frames 16"),
     ({"preprocess": {"num_frames": 32}}, r"preprocess\.num_frames 32 exceeds train\.num_frames 16"),
     ({"reshard": {"require_caption": True}}, r"reshard\.require_caption is true but no video of corpus .* caption"),
     ({"reshard": {"keys_file": "/no/such/keys.txt"}}, r"reshard: keys_file /no/such/keys\.txt does not exist"),

@@ -131,6 +131,8 @@ def _train(cfg: MiniatureConfig, name: str, svd_dir: Path, shards: Path, **field
     train_cfg = TrainConfig(svd_dir=svd_dir, shards=str(shards), storage_path=cfg.workdir.resolve() / "train",
                             name=name, seed=cfg.seed, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
                             gradient_checkpointing=False, ema_decay=None, cond_dropout=0.0, log_every=50,
+                            # The world's own rate, which generation passes explicitly and validation reads.
+                            fps_condition="clip",
                             **fields)
     return run_training(train_cfg)
 

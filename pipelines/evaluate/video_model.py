@@ -10,9 +10,10 @@ a DataFrame with an `image` column of image paths and returns RGB uint8 videos `
 Params: the signature is derived from `GenerationParams` (`model_signature`), each field with its default (the
 reference inference settings, docs/method.md, section 3), so the model has no defaults of its own. Scalars map to
 long/double/boolean/string; `num_frames` defaults to the adapter's table length; `decode_tile` (None: no spatial
-tiling) is a long whose default is None; the nested `second_pass` is a JSON string of `SecondPass` fields
+tiling) is a long whose default is None, as are `fps`, `renormalize`, `contrast` and `overlap` (None: the adapter's
+sampling defaults, or no continuation); the nested `second_pass` is a JSON string of `SecondPass` fields
 (`'{"height": 1024, "width": 1024, "strength": 0.5}'`; default None: no second pass), because MLflow's object
-params cannot default to None. Every call is validated by `GenerationParams`, so a bad value is an error naming the
+params cannot default to None, and `frames` a JSON object of frame index -> image path (default `{}`). Every call is validated by `GenerationParams`, so a bad value is an error naming the
 field; `method` must be `exvideo` (the model holds an adapter). MLflow itself drops params the signature does not
 name, with a warning, before `predict` sees them.
 
@@ -65,14 +66,18 @@ def _nested_model(annotation) -> type[BaseModel] | None:
     return None
 
 
-# Fields passed as JSON strings: nested models, which MLflow's object params could not leave at None.
-JSON_PARAMS = tuple(name for name, field in GenerationParams.model_fields.items() if _nested_model(field.annotation))
+# Fields passed as JSON strings: nested models, which MLflow's object params could not leave at None, and mappings
+# (`frames`), whose integer keys MLflow's object params would not keep.
+JSON_PARAMS = tuple(name for name, field in GenerationParams.model_fields.items()
+                    if _nested_model(field.annotation) or typing.get_origin(field.annotation) is dict)
 
 
 def _param_spec(name: str, field: FieldInfo, num_frames: int) -> ParamSpec:
     default = num_frames if name == "num_frames" else field.get_default(call_default_factory=True)
     if name in JSON_PARAMS:
-        return ParamSpec(name, "string", None if default is None else default.model_dump_json())
+        if default is None or isinstance(default, dict):
+            return ParamSpec(name, "string", None if default is None else json.dumps(default))
+        return ParamSpec(name, "string", default.model_dump_json())
     options = _options(field.annotation)
     scalar = options[0] if len(options) == 1 else None
     if typing.get_origin(scalar) is typing.Literal:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import PIL.Image
 import ray
 import torch
 from pydantic import Field
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from exvideo.speed_options import SpeedOptions, compiles_on
 from exvideo.config import StageConfig, operational
 from exvideo.ray_setup import ensure_ray
+from pipelines.generate.frames import open_image
 from pipelines.generate.loading import file_sha256, load_pipeline, resolve_device, resolve_dtype
 from pipelines.generate.params import GenerationParams
 from pipelines.generate.rows import Request, check_row, read_rows
@@ -68,16 +68,6 @@ def frames_sha256(frames: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest()
 
 
-def _open_image(path: str) -> PIL.Image.Image:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        with PIL.Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, PIL.UnidentifiedImageError) as exc:
-        raise ValueError(f"image {path} is unreadable: {exc}") from None
-
-
 class VideoMaker:
     """Ray Data actor: loads the model once, then turns checked rows into files on disk."""
 
@@ -102,13 +92,14 @@ class VideoMaker:
         params = request.params
         start = time.perf_counter()
         if request.image is not None:
-            image, source = _open_image(request.image), {"image": request.image}
+            image, source = open_image(request.image), {"image": request.image}
         else:
             image = first_frame_from_text(self.text_to_image(), request.prompt, params.width, params.height,
                                           self.cfg.text_to_image_steps, params.seed)
             source = {"prompt": request.prompt, "text_to_image": str(self.cfg.text_to_image)}
         timings = {"first_frame_s": time.perf_counter() - start}
         video = self.pipeline.generate(image, params)
+        params = video.params  # with the adapter's sampling defaults filled in
         timings.update(video.timings)
         clock = time.perf_counter()
         output = self.cfg.output
@@ -119,7 +110,8 @@ class VideoMaker:
         frames, height, width, _ = video.frames.shape
         record = {
             "id": request.id, "source": source, "method": params.method, "seed": params.seed,
-            "params": params.model_dump(mode="json"), "frames": frames, "width": width, "height": height,
+            "params": params.model_dump(mode="json"), "sampling_defaults": video.defaults,
+            "frames": frames, "width": width, "height": height,
             "fps": params.fps, "model": str(self.cfg.model), "adapter": self.adapter,
             "frames_sha256": frames_sha256(video.frames),
             "outputs": {"video": f"{request.id}.mp4", "first_frame": f"{request.id}.png"},

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from exvideo import SpeedOptions, extend_unet, extended_num_frames, load_adapter, load_svd
+from pipelines.generate.defaults import BASE_MODEL, defaults_for_adapter
 from pipelines.generate.params import BASELINES, Method
 from pipelines.generate.pipeline import LongVideoPipeline
 
@@ -47,7 +48,8 @@ def load_pipeline(model: str | os.PathLike, adapter: str | os.PathLike | None = 
 
     exvideo: the UNet is extended and the adapter loaded (without an adapter it is extended to `table_frames`
     with the identity initialisation, which reproduces the base model for up to 25 frames). Baselines run the
-    unchanged base UNet, so they refuse an adapter. `speed` picks how the UNet computes (exvideo.speed).
+    unchanged base UNet, so they refuse an adapter. `speed` picks how the UNet computes (exvideo.speed). The
+    pipeline's `sampling_defaults` come from the adapter (pipelines.generate.defaults).
     """
     torch_device = resolve_device(device)
     svd = load_svd(model, dtype=resolve_dtype(dtype, torch_device), device=torch_device)
@@ -55,15 +57,17 @@ def load_pipeline(model: str | os.PathLike, adapter: str | os.PathLike | None = 
         if adapter is not None or extended_num_frames(svd.unet) is not None:
             raise ValueError(f"method {method!r} is a training-free baseline of the base model: drop the adapter "
                              "and point model at a base SVD checkpoint")
-    elif adapter is not None:
+    defaults = BASE_MODEL
+    if adapter is not None:
         if not Path(adapter).is_file():
             raise FileNotFoundError(f"adapter {adapter} does not exist; pass the .safetensors file train wrote")
-        load_adapter(svd.unet, adapter)
-    elif extended_num_frames(svd.unet) is None:
+        defaults = defaults_for_adapter(load_adapter(svd.unet, adapter))
+    elif method not in BASELINES and extended_num_frames(svd.unet) is None:
         extend_unet(svd.unet, table_frames)
     svd.unet.requires_grad_(False)
     pipeline = LongVideoPipeline(vae=svd.vae, image_encoder=svd.image_encoder, unet=svd.unet,
                                  scheduler=svd.scheduler, feature_extractor=svd.feature_extractor)
     pipeline = pipeline.to(torch_device)
     pipeline.set_speed(speed)
+    pipeline.sampling_defaults = defaults
     return pipeline

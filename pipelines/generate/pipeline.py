@@ -21,20 +21,27 @@ from exvideo import SpeedOptions, extended_num_frames
 from exvideo.speed import apply_decoder_speed, apply_speed, speed_context
 from pipelines.generate.decode import decode_video
 from pipelines.generate.guidance import Conditioning, guidance_ramp, guided_model_output
-from pipelines.generate.latents import renormalize_frames
+from pipelines.generate.defaults import BASE_MODEL, SamplingDefaults
+from pipelines.generate.frames import KnownFrames, frames_pixels
+from pipelines.generate.latents import post_process_latents
 from pipelines.generate.noise import shuffled_window_noise, video_noise
 from pipelines.generate.params import GenerationParams
 from pipelines.generate.windows import window_starts
 
+# The Karras schedule's rho, which diffusers' EulerDiscreteScheduler and the reference's scheduler both use.
+KARRAS_RHO = 7.0
+
 
 @dataclass
 class GeneratedVideo:
-    """One generated video: uint8 frames `[T, H, W, 3]`, the first frame it was conditioned on, and timings."""
+    """One generated video: uint8 frames `[T, H, W, 3]`, the first frame it was conditioned on, the parameters it
+    was made with (unset ones filled from the adapter's sampling defaults), timings, and which defaults applied."""
 
     frames: np.ndarray
     first_frame: PIL.Image.Image
     params: GenerationParams
     timings: dict[str, float] = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)
 
 
 def fit_image(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
@@ -51,6 +58,7 @@ class LongVideoPipeline(StableVideoDiffusionPipeline):
     """SVD image-to-video for long videos: ExVideo (extended UNet) or a training-free baseline (base UNet)."""
 
     speed: SpeedOptions = SpeedOptions()
+    sampling_defaults: SamplingDefaults = BASE_MODEL
 
     def set_speed(self, options: SpeedOptions) -> None:
         """Switch how the UNet and the VAE decoder compute (exvideo.speed); the videos stay the same within bf16
@@ -66,12 +74,22 @@ class LongVideoPipeline(StableVideoDiffusionPipeline):
             if table is None:
                 raise ValueError("method 'exvideo' needs an ExVideo-extended UNet: load the pipeline with "
                                  "load_pipeline(model, adapter=..., method='exvideo')")
-            if params.num_frames > table:
+            if params.overlap is not None and params.overlap >= table:
+                raise ValueError(f"overlap {params.overlap} must be below the UNet's {table}-frame position table "
+                                 "(each window of the continuation is one table long)")
+            if params.num_frames > table and params.overlap is None:
                 raise ValueError(f"num_frames {params.num_frames} exceeds the UNet's {table}-frame position table; "
-                                 f"ask for at most {table} frames or use an adapter trained for more")
+                                 f"ask for at most {table} frames, set overlap (e.g. overlap={table // 4}) to continue "
+                                 "window after window, or use an adapter trained for more")
         elif table is not None:
             raise ValueError(f"method {params.method!r} is a training-free baseline of the base model, but this UNet "
                              f"is ExVideo-extended; load the pipeline with method={params.method!r} and no adapter")
+        elif params.method == "direct" and params.overlap is not None and params.overlap >= params.clip_frames:
+            raise ValueError(f"overlap {params.overlap} must be below clip_frames {params.clip_frames}, the length of "
+                             "each window of the continuation")
+        if self._continuation_window(params) is not None and params.second_pass is not None:
+            raise ValueError("second_pass runs all frames in one UNet call, which a continued video (num_frames "
+                             "above the window) exceeds; generate without second_pass")
 
     def encode_condition(self, image: PIL.Image.Image, params: GenerationParams, generator: torch.Generator,
                          ) -> Conditioning:
@@ -81,30 +99,44 @@ class LongVideoPipeline(StableVideoDiffusionPipeline):
         pixels = self.video_processor.preprocess(image, height=image.height, width=image.width).to(device)
         pixels = pixels + params.noise_aug_strength * video_noise(pixels.shape, generator, device, pixels.dtype)
         image_latents = self._encode_vae_image(pixels, device, 1, params.guided).to(self.unet.dtype)
-        # SVD was micro-conditioned on fps - 1.
-        time_ids = self._get_add_time_ids(params.fps - 1, params.motion_bucket_id, params.noise_aug_strength,
+        # SVD was micro-conditioned on fps - 1. Unset: the adapter's (`generate` fills it before it gets here).
+        fps = params.fps if params.fps is not None else self.sampling_defaults.fps
+        time_ids = self._get_add_time_ids(fps - 1, params.motion_bucket_id, params.noise_aug_strength,
                                           embeddings.dtype, 1, 1, params.guided).to(device)
         return Conditioning(embeddings.to(self.unet.dtype), image_latents[:, None], time_ids.to(self.unet.dtype),
                             params.guided)
 
-    def denoise(self, noise: torch.Tensor, cond: Conditioning, guidance: torch.Tensor, steps: int,
-                window: int | None = None, stride: int | None = None, strength: float = 1.0,
-                init_latents: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the Euler EDM sampler over latents `[B, T, C, h, w]`; return the denoised latents.
+    def set_schedule(self, steps: int, strength: float = 1.0) -> None:
+        """Noise levels for `steps` Euler steps over the last `strength` of the sampling schedule, as the reference's
+        `set_timesteps(steps, denoising_strength)`: the Karras levels (rho 7, the scheduler's sigma_min..sigma_max)
+        at `linspace(1 - strength, 1, steps)`, then 0. At strength 1 that is the scheduler's own schedule."""
+        device = self._execution_device
+        if strength == 1.0:
+            self.scheduler.set_timesteps(steps, device=device)
+        else:
+            config = self.scheduler.config
+            high, low = config.sigma_max ** (1 / KARRAS_RHO), config.sigma_min ** (1 / KARRAS_RHO)
+            ramp = np.linspace(1 - strength, 1, steps)
+            self.scheduler.set_timesteps(sigmas=[*((high + ramp * (low - high)) ** KARRAS_RHO), 0.0], device=device)
+        self.scheduler.set_begin_index(0)
+
+    def denoise(self, noise: torch.Tensor, cond: Conditioning, guidance: torch.Tensor, window: int | None = None,
+                stride: int | None = None, init_latents: torch.Tensor | None = None,
+                known: KnownFrames | None = None) -> torch.Tensor:
+        """Run the Euler EDM sampler over latents `[B, T, C, h, w]` through the schedule `set_schedule` set; return
+        the denoised latents.
 
         `window`/`stride`: denoise overlapping temporal windows separately and average their outputs at every
-        step (the `windows` baseline); None denoises all frames in one call. `strength` < 1 with `init_latents`
-        starts from those latents re-noised to that point of the schedule (video-to-video).
+        step (the `windows` baseline); None denoises all frames in one call. `init_latents`: start from those
+        latents noised to the schedule's first level (video-to-video). `known`: frames whose latents are replaced,
+        before every step, by given latents noised to that step's level (frame conditioning).
         """
         device = self._execution_device
-        self.scheduler.set_timesteps(steps, device=device)
-        start = steps - min(max(round(steps * strength), 1), steps)
-        self.scheduler.set_begin_index(start)
-        timesteps = self.scheduler.timesteps[start:]
+        sigmas = self.scheduler.sigmas
         if init_latents is None:
             latents = noise * self.scheduler.init_noise_sigma
         else:
-            latents = init_latents + noise * self.scheduler.sigmas[start].to(noise.dtype)
+            latents = init_latents + noise * sigmas[0].to(noise.dtype)
         frames = latents.shape[1]
         window = window or frames
         starts = window_starts(frames, window, stride or window)
@@ -112,7 +144,9 @@ class LongVideoPipeline(StableVideoDiffusionPipeline):
         for first in starts:
             coverage[first:first + window] += 1
         coverage = coverage.view(1, frames, 1, 1, 1)
-        for t in self.progress_bar(timesteps):
+        for index, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if known is not None:
+                known.impose(latents, sigmas[index].to(device))
             scaled = self.scheduler.scale_model_input(latents, t)
             output = torch.zeros_like(latents)
             for first in starts:
@@ -121,6 +155,34 @@ class LongVideoPipeline(StableVideoDiffusionPipeline):
                                                        self.speed.batched_guidance)
             latents = self.scheduler.step(output / coverage.to(output.dtype), t, latents).prev_sample
         return latents
+
+    def encode_frames(self, pixels: torch.Tensor, chunk: int) -> torch.Tensor:
+        """VAE latents (posterior mode times the configured factor) of frames `[T, 3, H, W]` in [-1, 1], as
+        `[1, T, C, h, w]` in the UNet's dtype. SVD's encoder works frame by frame, so `chunk`s are exact."""
+        device = self._execution_device
+        latents = torch.cat([self.vae.encode(piece.to(device, self.vae.dtype)).latent_dist.mode()
+                             for piece in pixels.split(chunk)])
+        return (latents * self.vae.config.scaling_factor)[None].to(self.unet.dtype)
+
+    def _known(self, latents: dict[int, torch.Tensor], noise: torch.Tensor) -> KnownFrames | None:
+        """Frame conditioning for the frames in `latents` (index within `noise` -> clean latent `[B, C, h, w]`)."""
+        if not latents:
+            return None
+        indices = sorted(latents)
+        return KnownFrames(torch.tensor(indices, device=noise.device),
+                           torch.stack([latents[i] for i in indices], dim=1).to(noise.dtype), noise[:, indices])
+
+    def _given_latents(self, pixels: dict[int, torch.Tensor], params: GenerationParams, height: int, width: int,
+                       ) -> dict[int, torch.Tensor]:
+        """Latents of the given frames (`frames_pixels`) at `height` x `width` (resized for a second pass)."""
+        if not pixels:
+            return {}
+        indices = sorted(pixels)
+        stack = torch.stack([pixels[i] for i in indices])
+        if stack.shape[-2:] != (height, width):
+            stack = F.interpolate(stack, size=(height, width), mode="bicubic", antialias=True).clamp(-1, 1)
+        latents = self.encode_frames(stack, params.decode_window)
+        return {index: latents[:, k] for k, index in enumerate(indices)}
 
     def _noise(self, params: GenerationParams, frames: int, height: int, width: int, generator: torch.Generator,
                ) -> torch.Tensor:
@@ -149,7 +211,8 @@ class LongVideoPipeline(StableVideoDiffusionPipeline):
         while made < params.num_frames:
             cond = self.encode_condition(image, params, generator)
             noise = self._noise(params, clip, image.height, image.width, generator)
-            latents = self.denoise(noise, cond, ramp, params.steps)
+            self.set_schedule(params.steps)
+            latents = self.denoise(noise, cond, ramp)
             # A continuation's first frame re-creates the frame it was conditioned on: keep the earlier copy.
             fresh = latents if not pieces else latents[:, 1:]
             pieces.append(fresh[:, :params.num_frames - made])
@@ -157,38 +220,77 @@ class LongVideoPipeline(StableVideoDiffusionPipeline):
             image = self._decode_frame(latents[0, -1:])
         return torch.cat(pieces, dim=1)
 
+    def _continuation_window(self, params: GenerationParams) -> int | None:
+        """The window length of a continued video (exvideo: the position table; direct: clip_frames), or None."""
+        if params.overlap is None or params.method not in ("exvideo", "direct"):
+            return None
+        window = extended_num_frames(self.unet) if params.method == "exvideo" else params.clip_frames
+        return window if params.num_frames > window else None
+
+    def _continue(self, image: PIL.Image.Image, params: GenerationParams, generator: torch.Generator,
+                  window: int, given: dict[int, torch.Tensor]) -> torch.Tensor:
+        """A video longer than `window`, window after window: each window is conditioned on the frames already made
+        that it overlaps (frame conditioning) and on its own first frame as the image, and cross-fades into them.
+
+        Only one window is denoised at a time, so the UNet's memory is one window's; the whole video's latents are
+        small beside it.
+        """
+        total = params.num_frames
+        # Drawn in the order a single window draws them, so the first window is the video `window` frames make.
+        cond = self.encode_condition(image, params, generator)
+        noise = self._noise(params, total, image.height, image.width, generator)
+        result = torch.empty_like(noise)
+        ramp = guidance_ramp(params.min_guidance, params.max_guidance, window)
+        made, first = 0, 0
+        while made < total:
+            first = min(first, total - window)  # the last window ends with the video
+            span = slice(first, first + window)
+            known = {i - first: result[:, i] for i in range(first, made)}
+            known.update({i - first: latent for i, latent in given.items() if first <= i < first + window})
+            if first > 0:
+                cond = self.encode_condition(self._decode_frame(result[0, first:first + 1]), params, generator)
+            self.set_schedule(params.steps)
+            latents = self.denoise(noise[:, span], cond, ramp, known=self._known(known, noise[:, span]))
+            shared = made - first
+            if shared:
+                fade = (torch.arange(1, shared + 1, device=latents.device) / (shared + 1)).view(1, -1, 1, 1, 1)
+                result[:, first:made] = torch.lerp(result[:, first:made], latents[:, :shared], fade.to(latents.dtype))
+            result[:, made:first + window] = latents[:, shared:]
+            made, first = first + window, first + window - params.overlap
+        return result
+
     def _first_pass(self, image: PIL.Image.Image, params: GenerationParams, generator: torch.Generator,
-                    ) -> torch.Tensor:
+                    pixels: dict[int, torch.Tensor]) -> torch.Tensor:
         if params.method == "chain":
             return self._chain(image, params, generator)
+        given = self._given_latents(pixels, params, image.height, image.width)
+        window = self._continuation_window(params)
+        if window is not None:
+            return self._continue(image, params, generator, window, given)
         cond = self.encode_condition(image, params, generator)
         noise = self._noise(params, params.num_frames, image.height, image.width, generator)
         ramp = guidance_ramp(params.min_guidance, params.max_guidance, params.num_frames)
-        return self.denoise(noise, cond, ramp, params.steps, **self._windows(params))
+        self.set_schedule(params.steps)
+        return self.denoise(noise, cond, ramp, known=self._known(given, noise), **self._windows(params))
 
-    def _second_pass(self, source: PIL.Image.Image, pixels: torch.Tensor, params: GenerationParams,
-                     generator: torch.Generator) -> tuple[torch.Tensor, PIL.Image.Image]:
-        """Upscale the decoded video, encode it and denoise it again from `strength` of the schedule."""
+    def _second_pass(self, source: PIL.Image.Image, pixels: torch.Tensor, given: dict[int, torch.Tensor],
+                     params: GenerationParams, generator: torch.Generator) -> tuple[torch.Tensor, PIL.Image.Image]:
+        """Upscale the decoded video, encode it and denoise it again over the last `strength` of the schedule."""
         second = params.second_pass
-        device = self._execution_device
         upscaled = F.interpolate(pixels[0], size=(second.height, second.width), mode="bicubic",
                                  antialias=True).clamp(-1, 1)
-        # SVD's encoder works frame by frame, so encoding in chunks is exact and bounds memory.
-        with torch.no_grad():
-            init = torch.cat([self.vae.encode(chunk.to(device, self.vae.dtype)).latent_dist.mode()
-                              for chunk in upscaled.split(params.decode_window)])
-        init = (init * self.vae.config.scaling_factor)[None].to(self.unet.dtype)
+        init = self.encode_frames(upscaled, params.decode_window)
         image = fit_image(source, second.width, second.height)
         cond = self.encode_condition(image, params, generator)
-        noise = video_noise(init.shape, generator, device, self.unet.dtype)
+        noise = video_noise(init.shape, generator, self._execution_device, self.unet.dtype)
         ramp = guidance_ramp(params.min_guidance, params.max_guidance, params.num_frames)
-        latents = self.denoise(noise, cond, ramp, params.steps, strength=second.strength, init_latents=init,
-                               **self._windows(params))
+        known = self._known(self._given_latents(given, params, second.height, second.width), noise)
+        self.set_schedule(params.steps, second.strength)
+        latents = self.denoise(noise, cond, ramp, init_latents=init, known=known, **self._windows(params))
         return latents, image
 
     def _decode(self, latents: torch.Tensor, params: GenerationParams) -> torch.Tensor:
-        if params.renormalize:
-            latents = renormalize_frames(latents, params.contrast)
+        latents = post_process_latents(latents, params.renormalize, params.contrast)
         return decode_video(self.vae, latents, params.decode_window, params.decode_stride, params.decode_tile,
                             params.decode_tile_overlap)
 
@@ -199,13 +301,15 @@ class LongVideoPipeline(StableVideoDiffusionPipeline):
             return self._generate(image, params)
 
     def _generate(self, image: PIL.Image.Image, params: GenerationParams) -> GeneratedVideo:
+        params, defaults = self.sampling_defaults.apply(params)
         self.check_method(params)
+        given = frames_pixels(params.frames, params.width, params.height)
         # A CPU generator draws the same numbers on every device: the same seed gives the same video anywhere.
         generator = torch.Generator().manual_seed(params.seed)
         source, image = image, fit_image(image, params.width, params.height)
         timings = {}
         clock = time.perf_counter()
-        latents = self._first_pass(image, params, generator)
+        latents = self._first_pass(image, params, generator, given)
         timings["denoise_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         pixels = self._decode(latents, params)
@@ -213,7 +317,7 @@ class LongVideoPipeline(StableVideoDiffusionPipeline):
         first_frame = image
         if params.second_pass is not None:
             clock = time.perf_counter()
-            latents, first_frame = self._second_pass(source, pixels, params, generator)
+            latents, first_frame = self._second_pass(source, pixels, given, params, generator)
             pixels = self._decode(latents, params)
             timings["second_pass_s"] = time.perf_counter() - clock
-        return GeneratedVideo(to_uint8(pixels[0]), first_frame, params, timings)
+        return GeneratedVideo(to_uint8(pixels[0]), first_frame, params, timings, defaults)

@@ -7,6 +7,7 @@ row costs no model time and every one is reported with its reason.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -65,6 +66,26 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
+def frames_mapping(value, base_dir: Path) -> dict[str, str]:
+    """A row's `frames` (an object, or its JSON text in CSV) as index -> path, relative paths under `base_dir`.
+
+    Arrow gives every row every key any row has, so keys whose value is null are dropped.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"must be an object of frame index -> image path, got {value!r}: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"must be an object of frame index -> image path, got {value!r}")
+    mapping = {}
+    for index, path in value.items():
+        if _present(path):
+            path = Path(str(path)).expanduser()
+            mapping[str(index)] = str(path if path.is_absolute() else base_dir / path)
+    return mapping
+
+
 def check_row(row: dict, number: int, base_dir: Path, defaults: GenerationParams, has_text_to_image: bool,
               ) -> Request:
     """Validate one row; on any problem return a Request whose `reason` names the field and the fix."""
@@ -82,6 +103,11 @@ def check_row(row: dict, number: int, base_dir: Path, defaults: GenerationParams
     if unknown:
         return Request(row_id, reason=f"row {number}: unknown parameter(s) {unknown}; per-row parameters are "
                                       f"{sorted(GenerationParams.model_fields)}")
+    if "frames" in given:
+        try:
+            given["frames"] = frames_mapping(given["frames"], base_dir)
+        except ValueError as exc:
+            return Request(row_id, reason=f"row {number}: frames: {exc}")
     try:
         params = GenerationParams.model_validate({**defaults.model_dump(), **given})
     except ValidationError as exc:

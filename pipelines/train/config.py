@@ -39,6 +39,10 @@ class TrainConfig(StageConfig):
     ema_decay: float | None = Field(0.9, gt=0, lt=1, description="EMA of trainable weights, updated at checkpoints")
     seed: int = 0
     shuffle_buffer: int = Field(0, ge=0, description="samples held for shuffling within a worker's stream (0: off)")
+    fps_condition: int | Literal["clip"] = Field(
+        30, description="fps in SVD's micro-conditioning: a number for every clip (30, as the reference trains), or "
+                        "clip: each clip's own rate (source fps / frame stride); the adapter records it and "
+                        "generation defaults to it")
 
     # An output field, unlike the other counts: each worker adds batch_size clips of its own shards to every step,
     # so the worker count sets the global batch and which clips each step sees.
@@ -69,6 +73,8 @@ class TrainConfig(StageConfig):
         compiles_on(self.speed, "cuda" if self.use_gpu else "cpu",
                     self.gradient_checkpointing and self.speed.checkpointing == "selective")
         refuse_generation_switches(self.speed)
+        if self.fps_condition != "clip" and not 1 <= self.fps_condition <= 240:
+            raise ValueError(f"fps_condition {self.fps_condition} must be 1..240 (SVD conditions on fps - 1) or clip")
         if self.precision == "bf16" and not self.use_gpu:
             raise ValueError("precision bf16 is for GPUs; on CPU use precision=fp32")
         return self

@@ -126,7 +126,11 @@ def train_worker(loop_config: dict) -> None:
     while state.step < cfg.max_steps:
         started = time.perf_counter()
         generator = step_generator(cfg.seed, rank, state.step)
-        batch = collate([next(stream) for _ in range(cfg.batch_size)]).to(device)
+        clips = [next(stream) for _ in range(cfg.batch_size)]
+        for clip in clips:
+            rate = str(round(clip.record.fps))
+            state.fps_seen[rate] = state.fps_seen.get(rate, 0) + 1
+        batch = collate(clips, fps=None if cfg.fps_condition == "clip" else cfg.fps_condition).to(device)
         batch = drop_conditioning(batch, cfg.cond_dropout, generator)
         lr = cfg.lr * min(1.0, (state.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         for group in optimizer.param_groups:
@@ -206,11 +210,11 @@ def _checkpoint(cfg: TrainConfig, rank: int, unet: nn.Module, trainable: dict, o
             improved = interval_loss < state.best_loss
             if improved:
                 state.best_loss = interval_loss
-            save_checkpoint(Path(directory), unet, optimizer.state_dict(), state, ema, base_model)
+            metadata = checkpoint_metadata(unet, base_model, state.training_metadata(cfg.fps_condition))
+            save_checkpoint(Path(directory), unet, optimizer.state_dict(), state, ema, metadata)
             if improved:
                 cfg.run_dir.mkdir(parents=True, exist_ok=True)
-                write_adapter(trainable, cfg.run_dir / BEST_ADAPTER, checkpoint_metadata(unet, base_model),
-                              torch.float32)
+                write_adapter(trainable, cfg.run_dir / BEST_ADAPTER, metadata, torch.float32)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint-{state.step:08d}")
     if tracking:

@@ -40,6 +40,15 @@ class TrainState:
     best_loss: float = float("inf")
     mlflow_run_id: str = ""
     history: list[dict] = field(default_factory=list)  # one entry per checkpoint: step, interval loss
+    fps_seen: dict[str, int] = field(default_factory=dict)  # this rank's clips per conditioning fps (rounded)
+
+    def training_metadata(self, fps_condition: int | str) -> dict[str, str]:
+        """What the adapter records of its conditioning: the policy, and the fps generation should default to
+        (for `clip`, the rate most of this rank's clips had)."""
+        if fps_condition != "clip":
+            return {"fps_condition": str(fps_condition), "fps": str(fps_condition)}
+        common = max(self.fps_seen, key=self.fps_seen.get) if self.fps_seen else "30"
+        return {"fps_condition": "clip", "fps": common}
 
 
 class EMA:
@@ -55,11 +64,11 @@ class EMA:
             self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
 
 
-def checkpoint_metadata(unet: nn.Module, base_model: str) -> dict[str, str]:
+def checkpoint_metadata(unet: nn.Module, base_model: str, training: dict[str, str]) -> dict[str, str]:
     """Adapter metadata for an extended UNet; for an unextended one (base training) the file holds every tensor."""
     if extended_num_frames(unet) is None:
-        return {"format": FULL_UNET_FORMAT, "base_model": base_model}
-    return adapter_metadata(unet, base_model)
+        return {"format": FULL_UNET_FORMAT, "base_model": base_model, **training}
+    return adapter_metadata(unet, base_model, training)
 
 
 def checkpoint_tensors(unet: nn.Module) -> dict[str, torch.Tensor]:
@@ -84,9 +93,9 @@ def load_unet_weights(unet: nn.Module, tensors: dict[str, torch.Tensor]) -> None
 
 
 def save_checkpoint(directory: Path, unet: nn.Module, optimizer_state: dict | None, state: TrainState,
-                    ema: EMA | None, base_model: str) -> None:
-    """Write a checkpoint into `directory` (a fresh temporary folder that Ray then persists)."""
-    metadata = checkpoint_metadata(unet, base_model)
+                    ema: EMA | None, metadata: dict[str, str]) -> None:
+    """Write a checkpoint into `directory` (a fresh temporary folder that Ray then persists); `metadata` goes
+    into its adapter files (`checkpoint_metadata`)."""
     write_adapter(checkpoint_tensors(unet), directory / ADAPTER, metadata, torch.float32)
     if ema is not None:
         write_adapter(ema.shadow, directory / EMA_ADAPTER, metadata)
