@@ -53,9 +53,10 @@ def added_time_ids(fps: torch.Tensor | float, motion_bucket: torch.Tensor | int,
 
 
 def karras_sigmas(num_levels: int = NUM_LEVELS, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
-                  rho: float = RHO) -> torch.Tensor:
-    """The EDM/Karras noise levels, from sigma_max down to sigma_min."""
-    ramp = torch.linspace(0, 1, num_levels, dtype=torch.float64)
+                  rho: float = RHO, start: float = 0.0) -> torch.Tensor:
+    """The EDM/Karras noise levels, from sigma_max down to sigma_min; with `start` > 0 only the part of that
+    curve from `start` to its end, still `num_levels` of them (the reference's denoising_strength = 1 - start)."""
+    ramp = torch.linspace(start, 1, num_levels, dtype=torch.float64)
     hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (hi + ramp * (lo - hi)) ** rho
 

@@ -3,7 +3,6 @@ the fps policy through the adapter, the second pass's schedule, frame conditioni
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import PIL.Image
@@ -16,7 +15,6 @@ from exvideo import adapter_state_dict, extend_unet, load_unet, trainable_parame
 from exvideo.config import load_config
 from pipelines.generate import GenerateJobConfig, GenerationParams, generate_video, load_pipeline
 from pipelines.generate.defaults import BASE_MODEL, REFERENCE_CHECKPOINT
-from pipelines.generate.pipeline import to_uint8
 from pipelines.generate.rows import check_row
 from pipelines.train.state import TrainState, checkpoint_metadata, save_checkpoint
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableVideoDiffusionPipeline
 
-from exvideo import SpeedOptions, extended_num_frames
+from exvideo import SpeedOptions, extended_num_frames, karras_sigmas
 from exvideo.speed import apply_decoder_speed, apply_speed, speed_context
 from pipelines.generate.decode import decode_video
 from pipelines.generate.guidance import Conditioning, guidance_ramp, guided_model_output
@@ -27,9 +27,6 @@ from pipelines.generate.latents import post_process_latents
 from pipelines.generate.noise import shuffled_window_noise, video_noise
 from pipelines.generate.params import GenerationParams
 from pipelines.generate.windows import window_starts
-
-# The Karras schedule's rho, which diffusers' EulerDiscreteScheduler and the reference's scheduler both use.
-KARRAS_RHO = 7.0
 
 
 @dataclass
@@ -115,9 +112,8 @@ class LongVideoPipeline(StableVideoDiffusionPipeline):
             self.scheduler.set_timesteps(steps, device=device)
         else:
             config = self.scheduler.config
-            high, low = config.sigma_max ** (1 / KARRAS_RHO), config.sigma_min ** (1 / KARRAS_RHO)
-            ramp = np.linspace(1 - strength, 1, steps)
-            self.scheduler.set_timesteps(sigmas=[*((high + ramp * (low - high)) ** KARRAS_RHO), 0.0], device=device)
+            sigmas = karras_sigmas(steps, config.sigma_min, config.sigma_max, start=1 - strength)
+            self.scheduler.set_timesteps(sigmas=[*sigmas.tolist(), 0.0], device=device)
         self.scheduler.set_begin_index(0)
 
     def denoise(self, noise: torch.Tensor, cond: Conditioning, guidance: torch.Tensor, window: int | None = None,
