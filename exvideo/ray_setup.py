@@ -56,3 +56,20 @@ def ordered_quiet_data(preserve_order: bool = True) -> Iterator[None]:
         yield
     finally:
         context.execution_options.preserve_order, context.enable_progress_bars = saved
+
+
+def node_id() -> str:
+    """The Ray node this code runs on (hex id), or "" outside Ray: what per-node counts are keyed by."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def add_count(per_node: dict[str, dict[str, int]], node: str, name: str, amount: int = 1) -> None:
+    """Add `amount` to the count `name` of `node` in a `{node: {name: count}}` table."""
+    counts = per_node.setdefault(node, {})
+    counts[name] = counts.get(name, 0) + amount
+
+
+def format_per_node(per_node: dict[str, dict[str, int]]) -> str:
+    """One line for a `{node: {name: count}}` table, nodes by the first 8 characters of their id."""
+    return "; ".join(f"{node[:8] or 'driver'} " + ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in counts.items())
+                     for node, counts in sorted(per_node.items()))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from exvideo.config import ConfigError, load_config
 from exvideo.console import VERBOSE_ENV, stage_log
+from exvideo.storage import StorageError
 from orchestration.stages import STAGE, STAGES, resolve
 
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stage_log(None):  # quiet from the first import on; stages add their log files
             return args.func(args) or 0
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, FileExistsError, StorageError, ValueError) as exc:
         print(f"exvideo {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

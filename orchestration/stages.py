@@ -88,7 +88,8 @@ def run_preprocess(run: StageRun) -> Outcome:
     if not counts["samples"]:
         raise ValueError(f"preprocess wrote no clips from {spec.corpus} (failures by reason: "
                          f"{counts['failures_by_reason']}); check the corpus and the clip size fields")
-    return ({"shards": str(run.folder / "shards"), "samples": counts["samples"], "failures": counts["failures"]},
+    return ({"shards": str(run.folder / "shards"), "samples": counts["samples"], "failures": counts["failures"],
+             "per_node": manifest["this_invocation"]["per_node"]},
             None, {"lineage.corpus": spec.corpus})
 
 
@@ -148,7 +149,7 @@ def run_generate(run: StageRun) -> Outcome:
     if not summary["made"] and not summary["skipped_done"]:
         raise ValueError(f"generate made no video; reasons in {run.folder / 'failures.jsonl'}")
     outputs = {"videos": str(run.folder / "videos"), "made": len(summary["made"]) + len(summary["skipped_done"]),
-               "failed": summary["failed"]}
+               "failed": summary["failed"], "per_node": summary["per_node"]}
     return outputs, None, {"lineage.adapter": adapter}
 
 

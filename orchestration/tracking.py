@@ -42,6 +42,10 @@ def record_stage_run(spec: WorkflowSpec, parent_run_id: str, record, own_run_id:
             client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
         else:
             run_id = own_run_id
+        # Which node did what (a run that finds its work done records nothing here, like its other metrics).
+        for node, counts in record.outputs.get("per_node", {}).items():
+            for name, value in counts.items():
+                client.log_metric(run_id, f"node.{node[:8] or 'driver'}.{name}", value)
         for name, value in tags.items():
             client.set_tag(run_id, name, value)
         client.set_tag(parent_run_id, f"lineage.{record.name}.run", run_id)

@@ -20,6 +20,7 @@ from diffusers import AutoencoderKLTemporalDecoder
 from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+from exvideo.ray_setup import node_id
 from exvideo.samples import ARRAYS, ClipRecord, LatentClip, encode_sample
 from preprocessing.config import PreprocessConfig
 
@@ -73,6 +74,7 @@ class ClipEncoder:
         self.feature_extractor = CLIPImageProcessor.from_pretrained(cfg.model, subfolder="feature_extractor",
                                                                     **common)
         self.clip_size = self.image_encoder.config.image_size
+        self.node = node_id()
 
     @torch.no_grad()
     def encode_pixels(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -115,6 +117,7 @@ class ClipEncoder:
                 except Exception as exc:  # out of memory, a broken weight file: the clip fails, the job goes on
                     row.update(stage="encode", reason_code="encode_error", reason=f"{type(exc).__name__}: {exc}"[:400])
             row.pop("pixels", None)
+            row["encode_node"] = self.node
             for column in ENTRY_COLUMNS.values():
                 row.setdefault(column, b"")
             row.setdefault("latent_mean", 0.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
+from exvideo.ray_setup import node_id
 from preprocessing.clips import clip_windows
 from preprocessing.config import PreprocessConfig
 from preprocessing.decode import ClipDecoder, clip_motion
@@ -27,7 +28,7 @@ def _row(source: dict, clip_index: int, **fields) -> dict:
         "source": source["source"], "caption": source["caption"], "clip_index": clip_index,
         "key": sample_key(source["source"], clip_index), "frame_indices": [], "fps": 0.0, "crop": [],
         "motion_bucket": -1, "motion_score": 0.0, "pixels": b"", "stage": "", "reason_code": "", "reason": "",
-        "last_of_source": False,
+        "last_of_source": False, "decode_node": node_id(),
     }
     row.update(fields)
     return row

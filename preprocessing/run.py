@@ -21,7 +21,8 @@ from preprocessing.ledger import Failure
 from preprocessing.manifest import read_sources
 from preprocessing.outputs import claim_output, write_run_manifest
 from preprocessing.prepare import prepare_source
-from exvideo.ray_setup import ensure_ray, ordered_quiet_data
+from exvideo.storage import check_writable, storage_errors
+from exvideo.ray_setup import add_count, ensure_ray, format_per_node, ordered_quiet_data
 from preprocessing.shards import ShardSetWriter, discard_uncommitted, read_commits, write_tables
 
 RUN_MANIFEST = "run.json"
@@ -48,7 +49,9 @@ def build_dataset(sources: list[dict], cfg: PreprocessConfig, config_hash: str, 
         ClipEncoder, fn_constructor_kwargs={"cfg": cfg, "device": device, "config_hash": config_hash,
                                             "fingerprint": fingerprint},
         batch_size=cfg.encode_batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.encode_actors),
+        # All encoders from the start, but the pool may shrink: after a node is lost, the encoders that restart on
+        # the surviving nodes must not keep the CPUs the decode tasks feeding them need.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.encode_actors, initial_size=cfg.encode_actors),
         num_gpus=cfg.gpus_per_actor if device == "cuda" else 0,
     )
 
@@ -62,7 +65,17 @@ def _index_row(row: dict) -> dict:
 
 
 def run_preprocess(cfg: PreprocessConfig) -> dict:
-    """Run (or resume) preprocessing into `cfg.output`; return the run manifest with its counts."""
+    """Run (or resume) preprocessing into `cfg.output`; return the run manifest with its counts.
+
+    A read-only output folder is refused before any work; a filesystem that fills up stops the run with a
+    StorageError naming the folder and the free space, with nothing partial under a final name.
+    """
+    check_writable(cfg.output)
+    with storage_errors(cfg.output, "write the run's files in"):
+        return _preprocess(cfg)
+
+
+def _preprocess(cfg: PreprocessConfig) -> dict:
     started = time.perf_counter()
     config_hash, fingerprint = cfg.content_hash(), encoder_fingerprint(cfg.model)
     claim_output(cfg.output, RUN_MANIFEST, _identity(cfg, fingerprint))
@@ -85,9 +98,11 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     writer.failures += [f for f in manifest_failures if f.identity() not in recorded]
 
     written = 0
+    per_node: dict[str, dict[str, int]] = {}  # what each Ray node did in this invocation
     ensure_ray(cfg.ray_address)
     with ordered_quiet_data(), tqdm(total=len(pending), unit="video", disable=not cfg.progress,
-                                     desc="preprocess") as bar:
+                                     desc="preprocess") as bar, \
+            storage_errors(output, "write shards in", abandon=writer.abandon):
         if pending:
             for row in build_dataset(pending, cfg, config_hash, fingerprint).iter_rows():
                 if row["stage"]:
@@ -99,7 +114,9 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
                     entries = {"__key__": row["key"], **{name: row[col] for name, col in ENTRY_COLUMNS.items()}}
                     writer.add(entries, _index_row(row))
                     written += 1
+                    add_count(per_node, row["encode_node"], "clips_encoded")
                 if row["last_of_source"]:
+                    add_count(per_node, row["decode_node"], "sources_decoded")
                     writer.done_sources.append(row["source"])
                     bar.update(1)
                     bar.set_postfix(clips=written, failed=len(writer.failures))
@@ -111,7 +128,8 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         cfg, config_hash, fingerprint, status="complete", finished_at=datetime.now(timezone.utc).isoformat(),
         counts={**counts, "sources": len(sources) + len(manifest_failures)},
         this_invocation={"sources_processed": len(pending), "clips_written": written, "seconds": round(elapsed, 3),
-                         "clips_per_second": round(written / elapsed, 3) if elapsed > 0 else 0.0},
+                         "clips_per_second": round(written / elapsed, 3) if elapsed > 0 else 0.0,
+                         "per_node": per_node},
     )
 
 
@@ -124,4 +142,6 @@ def format_summary(manifest: dict) -> str:
              f"({now['clips_per_second']:.2f} clips/s)",
              f"  failed: {counts['failures']}" + "".join(f"\n    {code}: {n}"
                                                          for code, n in counts["failures_by_reason"].items())]
+    if len(now.get("per_node", {})) > 1:
+        lines.append(f"  nodes: {format_per_node(now['per_node'])}")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ a rerun redoes exactly the uncommitted work. The parquet tables are rebuilt from
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -83,6 +84,24 @@ def read_sample_entries(shard: Path, offset: int, length: int) -> dict[str, byte
     return entries
 
 
+def sample_digests(shards_dir: Path) -> dict[str, str]:
+    """Every sample of a shard folder: key -> sha256 of its entries' bytes (in entry-name order).
+
+    Two shard sets hold the same samples exactly when their digests are equal, however the samples are spread over
+    shards. A sample whose entry appears twice raises ValueError.
+    """
+    entries: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(Path(shards_dir).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, name = member.name.split(".", 1)
+                if name in entries.setdefault(key, {}):
+                    raise ValueError(f"{member.name} appears twice in {shards_dir} (again in {shard.name})")
+                entries[key][name] = tar.extractfile(member).read()
+    return {key: hashlib.sha256(b"".join(data for _, data in sorted(sample.items()))).hexdigest()
+            for key, sample in entries.items()}
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -140,6 +159,16 @@ class ShardSetWriter:
         self._tar.write(entries)
         self._rows.append(index_row)
         self._bytes += size
+
+    def abandon(self) -> int:
+        """Drop the open shard (after a failed write): close and delete its temporary file; return its bytes."""
+        pending = self._bytes
+        if self._tar is not None:
+            with contextlib.suppress(OSError):  # closing flushes, and the disk may still be full
+                self._tar.close()
+            self._tmp_path().unlink(missing_ok=True)
+        self._tar, self._rows, self._bytes = None, [], 0
+        return pending
 
     def commit(self) -> dict | None:
         """Close the open shard (if any) and commit it with the failures and done sources gathered so far."""

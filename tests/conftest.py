@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from exvideo import tiny_svd_components, write_tiny_svd
+from exvideo.local_cluster import free_port
 
 REFERENCE = Path(__file__).parent / "data" / "reference"
 
@@ -111,17 +111,11 @@ def ray_local():
         ray.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with its own sqlite store and artifact folder: (uri, root)."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'store.db'}", "--artifacts-destination", (root / "art").as_uri()],

@@ -113,11 +113,14 @@ def test_rerun_skips_finished_rows_and_redoes_only_unfinished_ones(first_run, jo
     videos = first_run / "videos"
     kept = (videos / "from-image.mp4").stat().st_mtime_ns
     (videos / "seeded.json").unlink()  # as if the job died before finishing this row
+    (videos / ".seeded.tmp-4242.mp4").write_bytes(b"half an mp4")  # ... in the middle of writing its video
     assert _run(job_inputs) == 0
     summary = json.loads((first_run / "summary.json").read_text())
     assert summary["made"] == ["seeded"] and summary["skipped_done"] == ["from-image", "from-prompt"]
     assert (videos / "from-image.mp4").stat().st_mtime_ns == kept
-    assert "1 made, 2 already done (skipped)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 made, 2 already done (skipped)" in out and ".seeded.tmp-4242.mp4" in out
+    assert not list(videos.glob(".*"))
 
 
 def test_job_errors_name_the_bad_setting(job_inputs, tiny_svd_dir, capsys):

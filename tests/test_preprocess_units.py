@@ -187,3 +187,23 @@ def test_videos_on_a_non_local_filesystem_are_read_as_bytes(synthetic_corpus):
     assert np.array_equal(frames, local.clip([0, 2, 4]))
     with pytest.raises(SourceError, match="no file"):
         VideoFile("/corpus/absent.mp4", filesystem)
+
+
+def test_sample_digests_ignore_shard_layout_and_refuse_a_sample_written_twice(tmp_path):
+    from webdataset import TarWriter
+
+    from preprocessing.shards import sample_digests
+
+    samples = [{"__key__": f"k{i}", "a.npy": bytes([i]) * 10, "json": b"{}"} for i in range(4)]
+    for folder, layout in (("one", [samples]), ("two", [samples[:1], samples[1:]])):
+        (tmp_path / folder).mkdir()
+        for n, group in enumerate(layout):
+            with TarWriter(str(tmp_path / folder / f"shard-{n:06d}.tar")) as sink:
+                for sample in group:
+                    sink.write(sample)
+    assert sample_digests(tmp_path / "one") == sample_digests(tmp_path / "two")
+    assert len(sample_digests(tmp_path / "one")) == 4
+    with TarWriter(str(tmp_path / "two" / "shard-000002.tar")) as sink:
+        sink.write(samples[2])
+    with pytest.raises(ValueError, match=r"k2\.a\.npy appears twice .* \(again in shard-000002\.tar\)"):
+        sample_digests(tmp_path / "two")

@@ -1,26 +1,16 @@
-"""The workflow: spec validation, stage keys, cross-stage checks, resume after a failure in train, lineage, the
-demo, and the Ray Jobs API.
+"""The workflow: spec validation, stage keys, cross-stage checks, resume after a failure in train, lineage and the
+demo (the Ray Jobs API and a cluster of several nodes: test_cluster.py).
 
 One real workflow run (tiny sizes) is shared by the module: `exvideo demo`, which first fails in train (the model
-lost its UNet), is fixed and resumed; later tests rerun its spec, read its MLflow store and submit it to a real
-local Ray head.
+lost its UNet), is fixed and resumed; later tests rerun its spec and read its MLflow store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
-import secrets
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -293,86 +283,9 @@ def test_stage_runs_nest_under_the_workflow_run_with_lineage(workflow):
     assert states.count("ran") == 1 and set(states) == {"ran", "skipped"}
 
 
-# -- on a real Ray head through the Jobs API ----------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head():
-    """`ray start --head` on 127.0.0.1 with a dashboard (the Jobs API) and token authentication; yields its address
-    and the environment a client needs (the token), and stops the head by its own process id at the end.
-
-    `--block` keeps the head's processes children of the one we start; stopping that process group stops exactly
-    this head (`ray stop` would stop every Ray of this user on the machine, other test sessions' included).
-    """
-    # Every port explicit: Ray's fixed defaults (the agent's 52365) clash with any other Ray on the machine.
-    port, dashboard, agent, agent_grpc, metrics = (free_port() for _ in range(5))
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    log = open(Path(temp_dir) / "head.log", "wb")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}", f"--temp-dir={temp_dir}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.monotonic() + 240  # a loaded 2-core machine can take minutes to start a head
-        while not _jobs_api_up(address, env["RAY_AUTH_TOKEN"]):
-            if time.monotonic() > deadline or head.poll() is not None:
-                tail = (Path(temp_dir) / "head.log").read_bytes()[-3000:].decode(errors="replace")
-                raise RuntimeError(f"the Ray head did not come up at {address} (exit {head.poll()}): {tail}")
-            time.sleep(1)
-        yield address, env
-    finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)
-            try:
-                head.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-                head.wait()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _jobs_api_up(address: str, token: str) -> bool:
-    request = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def test_workflow_submitted_through_the_ray_jobs_api_completes(workflow, ray_head):
-    workdir = workflow["workdir"]
-    address, env = ray_head
-    # A new report title is a new evaluate key: the job reuses the finished stages and evaluates on the cluster.
-    # The CLI runs as a user's shell would run it, with the cluster's token in its environment.
-    done = subprocess.run(
-        ["exvideo", "run", str(workflow["spec"]), "--address", address, "--set", "evaluate.title=on the cluster"],
-        env=env, capture_output=True, text=True, timeout=400)
-    out = done.stdout
-    assert done.returncode == 0, (out + done.stderr)[-3000:]
-    assert re.search(r"^submitted job \S+ to http://127\.0\.0\.1:\d+", out, re.M)
-    assert "[1/4] preprocess: done before, skipped" in out  # the job's own output, streamed back
-    assert "[4/4] evaluate: running in" in out and "[4/4] evaluate: done in" in out
-    assert re.search(r"job \S+: SUCCEEDED", out)
-    reports = sorted(workdir.glob("evaluate-*/report/index.html"))
-    assert len(reports) == 2 and "on the cluster" in max(reports, key=os.path.getmtime).read_text()
-
-
 def test_only_redoes_one_stage_in_its_folder(workflow, capsys):
     workdir = workflow["workdir"]
-    evaluate = workdir / f"evaluate-{stage_keys(load_spec(workflow['spec']))['evaluate']}"  # the jobs test made another
+    evaluate = workdir / f"evaluate-{stage_keys(load_spec(workflow['spec']))['evaluate']}"
     upstream = {stage: mtimes(stage_folder(workdir, stage)) for stage in ("preprocess", "train", "generate")}
     marker_before = (evaluate / MARKER).stat().st_mtime_ns
     capsys.readouterr()

@@ -25,13 +25,14 @@ from tqdm import tqdm
 
 from exvideo.speed_options import SpeedOptions, compiles_on
 from exvideo.config import StageConfig, operational
-from exvideo.ray_setup import ensure_ray
+from exvideo.storage import check_writable
+from exvideo.ray_setup import add_count, ensure_ray, format_per_node, node_id
 from pipelines.generate.frames import open_image
 from pipelines.generate.loading import file_sha256, load_pipeline, resolve_device, resolve_dtype
 from pipelines.generate.params import GenerationParams
 from pipelines.generate.rows import Request, check_row, read_rows
 from pipelines.generate.text_to_image import first_frame_from_text, load_text_to_image
-from pipelines.generate.video_io import write_json, write_mp4, write_png, write_text
+from pipelines.generate.video_io import discard_temporary, write_json, write_mp4, write_png, write_text
 
 VIDEOS = "videos"
 FAILURES = "failures.jsonl"
@@ -80,6 +81,7 @@ class VideoMaker:
         self.pipeline.set_progress_bar_config(disable=True)
         self.adapter = {"path": str(cfg.adapter), "sha256": file_sha256(cfg.adapter)} if cfg.adapter else None
         self._text_to_image = None
+        self.node = node_id()
 
     def text_to_image(self):
         if self._text_to_image is None:
@@ -118,13 +120,14 @@ class VideoMaker:
             "timings": {k: round(v, 4) for k, v in timings.items()},
             # On the CPU the frames' bits depend on torch's thread count too (reductions split by thread).
             "device": str(self.device), "torch_threads": torch.get_num_threads(), "host": platform.node(),
+            "node": self.node,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_json(record_path(output, request.id), record)
         return record
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        results = {"id": [], "reason": []}
+        results = {"id": [], "reason": [], "node": []}
         for row_id, request_json in zip(batch["id"], batch["request"]):
             data = json.loads(request_json)
             request = Request(**{**data, "params": GenerationParams.model_validate(data["params"])})
@@ -136,6 +139,7 @@ class VideoMaker:
                 reason = f"{type(exc).__name__}: {exc}"
             results["id"].append(str(row_id))
             results["reason"].append(reason)
+            results["node"].append(self.node)
         return results
 
 
@@ -175,9 +179,10 @@ def run_generate_job(cfg: GenerateJobConfig) -> dict:
         raise FileNotFoundError(f"text_to_image {cfg.text_to_image} is not a diffusers pipeline directory")
     if cfg.adapter is not None and not cfg.adapter.is_file():
         raise FileNotFoundError(f"adapter {cfg.adapter} does not exist")
+    check_writable(cfg.output / VIDEOS)
     ensure_ray(cfg.ray_address)
     pending, done, failures = _triage(cfg)
-    made = []
+    made, per_node = [], {}
     if pending:
         workers, gpus = _worker_resources(cfg)
         items = [{"id": r.id, "request": json.dumps({**asdict(r), "params": r.params.model_dump(mode="json")})}
@@ -192,21 +197,30 @@ def run_generate_job(cfg: GenerateJobConfig) -> dict:
         results = ray.data.from_items(items).map_batches(
             VideoMaker, batch_size=1,
             fn_constructor_kwargs={"config_json": cfg.model_dump_json(), "device": "cuda" if gpus else "cpu"},
-            compute=ray.data.ActorPoolStrategy(size=min(workers, len(pending))), num_gpus=gpus, num_cpus=1)
+            # One row at a time per worker: a video takes minutes, and rows queued behind a busy worker would leave
+            # the others idle at the end of the job.
+            compute=ray.data.ActorPoolStrategy(size=min(workers, len(pending)), max_tasks_in_flight_per_actor=1),
+            num_gpus=gpus, num_cpus=1)
         for result in tqdm(results.iter_rows(), total=len(pending), desc="videos", unit="video"):
             if result["reason"]:
                 failures.append({"id": result["id"], "stage": "generate", "reason": result["reason"]})
             else:
                 made.append(result["id"])
+                add_count(per_node, result["node"], "videos")
     output = cfg.output
     output.mkdir(parents=True, exist_ok=True)
+    # Every worker has finished: a temporary file still here is one a killed worker never completed.
+    left = discard_temporary(output / VIDEOS)
+    if left:
+        print(f"removed {len(left)} unfinished file(s) of lost workers (their rows were made again): "
+              f"{', '.join(left)}")
     ledger = "".join(json.dumps(failure) + "\n" for failure in failures)
     write_text(output / FAILURES, ledger)
     summary = {"made": sorted(made), "skipped_done": sorted(done), "failed": len(failures),
                "rows": len(made) + len(done) + len(failures), "seconds": round(time.perf_counter() - start, 2),
-               "output": str(output)}
+               "output": str(output), "per_node": per_node}
     write_json(output / SUMMARY, summary)
     print(f"generate: {len(made)} made, {len(done)} already done (skipped), {len(failures)} failed"
           f"{f' (reasons in {output / FAILURES})' if failures else ''}; {summary['seconds']} s; videos in "
-          f"{output / VIDEOS}")
+          f"{output / VIDEOS}" + (f"\n  nodes: {format_per_node(per_node)}" if len(per_node) > 1 else ""))
     return summary

@@ -27,6 +27,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def discard_temporary(folder: Path) -> list[str]:
+    """Delete what `atomic_path` writers killed mid-write (a lost node, a killed worker) left in `folder`.
+
+    Call it only when no writer is running: a live writer's temporary file looks the same.
+    """
+    left = sorted(folder.glob(".*.tmp-*")) if folder.is_dir() else []
+    for path in left:
+        path.unlink(missing_ok=True)
+    return [path.name for path in left]
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` and move the result to `path`."""
     with atomic_path(path) as tmp:

@@ -23,6 +23,7 @@ from torch import nn
 
 from exvideo import LatentBatch, load_unet, post_tuning_loss, prepare_for_post_tuning
 from exvideo.adapter import write_adapter
+from exvideo.ray_setup import node_id
 from exvideo.samples import collate
 from exvideo.speed import speed_context
 from pipelines.train.config import TrainConfig
@@ -83,6 +84,14 @@ def _all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return value
 
 
+def _worker_nodes(world: int) -> list[str]:
+    """Every rank's Ray node, in rank order (a collective: every rank calls it)."""
+    nodes = [node_id()] * world
+    if dist.is_available() and dist.is_initialized():
+        dist.all_gather_object(nodes, node_id())
+    return nodes
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -110,6 +119,7 @@ def train_worker(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(unet, parallel_strategy_kwargs={"find_unused_parameters": False})
     frozen = [p for p in unet.parameters() if not p.requires_grad]
     frozen_at_start = weights_fingerprint(frozen)
+    nodes = _worker_nodes(world)
 
     stats = StreamStats()
     stream = rank_stream(list_shards(cfg.shards), rank, world, cfg.seed, start=state.clips_consumed,
@@ -160,6 +170,8 @@ def train_worker(loop_config: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.clips_consumed += cfg.batch_size
+        for node in nodes:
+            state.worker_steps_by_node[node] = state.worker_steps_by_node.get(node, 0) + 1
 
         mean_loss = _all_reduce(loss.detach().float().reshape(1)).item() / world
         if finite:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -17,7 +17,8 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from exvideo.console import verbose
-from exvideo.ray_setup import ensure_ray
+from exvideo.ray_setup import ensure_ray, format_per_node
+from exvideo.storage import check_writable
 from exvideo.tracking import experiment_id_for
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import list_shards
@@ -40,6 +41,7 @@ class TrainResult:
     mlflow_run_id: str
     steps: int
     final_loss: float
+    worker_steps_by_node: dict[str, int] = field(default_factory=dict)  # Ray node id -> steps its workers ran
 
     def save(self, path: Path) -> None:
         record = {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
@@ -107,7 +109,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             print(f"run {cfg.run_dir} already finished {previous.steps} steps (max_steps {cfg.max_steps}): "
                   f"nothing to do; adapter {previous.adapter}")
             return previous
-    cfg.storage_path.mkdir(parents=True, exist_ok=True)
+    check_writable(cfg.storage_path)  # checkpoints go there: a read-only folder fails now, not after the first steps
     run_id = _mlflow_run(cfg)
     print(f"training run {cfg.run_dir} on {len(shards)} shards; MLflow run {run_id} at {cfg.resolved_tracking_uri}")
     ensure_ray(cfg.ray_address)
@@ -144,16 +146,20 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         if (checkpoint_dir / EMA_ADAPTER).is_file():
             mlflow.log_artifact(str(checkpoint_dir / EMA_ADAPTER), artifact_path="adapter")
         mlflow.log_metric("final_step", state["step"])
+        for node, steps in state.get("worker_steps_by_node", {}).items():
+            mlflow.log_metric(f"node.{node[:8]}.worker_steps", steps)
     history = state["history"]
     outcome = TrainResult(
         run_dir=cfg.run_dir, checkpoint_dir=checkpoint_dir, adapter=final,
         best_adapter=best if best.is_file() else None, mlflow_run_id=run_id, steps=state["step"],
         final_loss=history[-1]["interval_loss"] if history else float("nan"),
+        worker_steps_by_node=state.get("worker_steps_by_node", {}),
     )
     outcome.save(finished)
     print(
         f"done: {outcome.steps} steps, last interval loss {outcome.final_loss:.4f}, "
         f"{state['nonfinite_total']} non-finite steps skipped\n"
+        f"  worker steps  {format_per_node({n: {'steps': s} for n, s in outcome.worker_steps_by_node.items()})}\n"
         f"  adapter       {outcome.adapter}\n  best adapter  {outcome.best_adapter}\n"
         f"  checkpoint    {outcome.checkpoint_dir}\n"
         f"  MLflow run    {run_id} (mlflow ui --backend-store-uri {cfg.resolved_tracking_uri})"

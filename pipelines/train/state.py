@@ -41,6 +41,7 @@ class TrainState:
     mlflow_run_id: str = ""
     history: list[dict] = field(default_factory=list)  # one entry per checkpoint: step, interval loss
     fps_seen: dict[str, int] = field(default_factory=dict)  # this rank's clips per conditioning fps (rounded)
+    worker_steps_by_node: dict[str, int] = field(default_factory=dict)  # Ray node id -> steps its workers ran
 
     def training_metadata(self, fps_condition: int | str) -> dict[str, str]:
         """What the adapter records of its conditioning: the policy, and the fps generation should default to

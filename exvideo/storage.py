@@ -1,0 +1,80 @@
+"""Output storage faults as one clear error: a read-only folder, a full filesystem.
+
+A stage that writes its outputs checks the folder is writable before any work (`check_writable`), and wraps its
+writes in `storage_errors`, which turns the operating system's ENOSPC / EROFS / EACCES into a `StorageError` naming
+the folder, the free space and what to do. The stages write through temporary names and commit records, so after
+the error nothing partial sits under a final name, and rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class StorageError(OSError):
+    """The output folder cannot take the stage's writes; the message says why and what to do."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _free_bytes(folder: Path) -> int:
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return 0
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create `folder` (and parents) and write and delete a probe file in it, or raise StorageError."""
+    folder = Path(folder)
+    with storage_errors(folder, "create files in"):
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+
+
+def as_storage_error(exc: OSError, folder: str | os.PathLike, what: str, needed_bytes: int | None = None) -> OSError:
+    """`exc` as a StorageError when it is a full or read-only filesystem under `folder`, else `exc` itself.
+
+    `what` says what was being done ("write shards in"), `needed_bytes` how much that write needed, where known.
+    """
+    folder = Path(folder)
+    if isinstance(exc, StorageError):
+        return exc
+    if exc.errno in FULL:
+        need = f"; it needed about {needed_bytes:,} bytes" if needed_bytes else ""
+        return StorageError(exc.errno, f"could not {what} {folder}: the filesystem is full "
+                                       f"({_free_bytes(folder):,} bytes free{need}). Free space or point the output "
+                                       "at a larger disk, then rerun the same command: it resumes from what was "
+                                       "committed")
+    if exc.errno in NOT_WRITABLE:
+        return StorageError(exc.errno, f"could not {what} {folder}: {exc.strerror.lower()} ({exc.filename}). Make "
+                                       "the folder writable or choose another output folder")
+    return exc
+
+
+@contextlib.contextmanager
+def storage_errors(folder: str | os.PathLike, what: str,
+                   abandon: Callable[[], int | None] | None = None) -> Iterator[None]:
+    """Raise a full or read-only filesystem met inside the block as a StorageError (see `as_storage_error`).
+
+    On any OSError, `abandon` (if given) first drops the write in progress and returns the bytes it needed.
+    """
+    try:
+        yield
+    except OSError as exc:
+        needed = abandon() if abandon is not None else None
+        converted = as_storage_error(exc, folder, what, needed)
+        if converted is exc:
+            raise
+        raise converted from exc
