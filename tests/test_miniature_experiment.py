@@ -79,6 +79,7 @@ def test_trainable_all_trains_every_weight_and_checkpoints_them():
         load_unet_weights(other, tensors)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
 def test_miniature_end_to_end_post_tuning_lowers_long_clip_loss(tmp_path):
     cfg = MiniatureConfig(workdir=tmp_path / "mini", train_videos=8, heldout_videos=1, vae_steps=10,
