@@ -71,5 +71,7 @@ def add_count(per_node: dict[str, dict[str, int]], node: str, name: str, amount:
 
 def format_per_node(per_node: dict[str, dict[str, int]]) -> str:
     """One line for a `{node: {name: count}}` table, nodes by the first 8 characters of their id."""
-    return "; ".join(f"{node[:8] or 'driver'} " + ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in counts.items())
-                     for node, counts in sorted(per_node.items()))
+    def counts_text(counts: dict[str, int]) -> str:
+        return ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in counts.items())
+
+    return "; ".join(f"{node[:8] or 'driver'} {counts_text(counts)}" for node, counts in sorted(per_node.items()))
