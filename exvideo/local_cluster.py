@@ -14,6 +14,7 @@ Used by the tests and by `benchmarks/corpus_scale.py`; an operator can use it to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -62,8 +63,11 @@ class LocalCluster:
     """
 
     def __init__(self, root: Path, workers: tuple[str, ...] = ("a", "b"), cpus_per_worker: int = 1,
-                 head_cpus: int = 0, object_store_mb: int = 200, start_timeout_s: float = 240):
+                 head_cpus: int = 0, object_store_mb: int = 200, start_timeout_s: float = 240,
+                 env: dict[str, str] | None = None):
         self.root = Path(root)
+        # Every node starts with it, so Ray workers and the drivers the Jobs API starts on the head see it too.
+        self.env = dict(env or {})
         self.worker_names = workers
         self.cpus_per_worker = cpus_per_worker
         self.head_cpus = head_cpus
@@ -86,8 +90,9 @@ class LocalCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def client_env(self) -> dict[str, str]:
-        """The process environment a client of this cluster needs: its token, and no other cluster's address."""
-        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+        """The process environment a client of this cluster needs: its token, the cluster's own `env`, and no other
+        cluster's address."""
+        env = {**os.environ, **self.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         env.pop("RAY_ADDRESS", None)
         return env
@@ -184,17 +189,25 @@ class LocalCluster:
                                    f"(stopped nodes: {[n.name for n in dead]}):\n{logs}")
             time.sleep(0.5)
 
-    def stop(self) -> None:
-        """Stop every node through its process group (workers first), then remove the cluster's temp folder."""
+    def stop(self, grace_s: float = 5) -> None:
+        """Stop every node through its process group (workers first), then remove the cluster's temp folder.
+
+        The nodes share one `grace_s` to exit on SIGTERM; whatever is left then gets SIGKILL. A throwaway cluster
+        has nothing to flush, and a raylet draining its workers one after another took 20 s here.
+        """
         for node in sorted(self.nodes.values(), key=lambda n: n.name == "head"):
             if node.alive:
                 os.killpg(node.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
         for node in self.nodes.values():
             try:
-                node.process.wait(timeout=10)
+                node.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                pass
+            # The whole group: a `ray start --block` that has exited can leave its raylet's children behind.
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.process.pid, signal.SIGKILL)
-                node.process.wait()
+            node.process.wait()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:

@@ -28,7 +28,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with LocalCluster(tmp_path_factory.mktemp("cluster"), workers=("a", "b"), cpus_per_worker=2) as running:
+    # Ray Data dispatches rows once every actor of a pool is up: the two tiny videos land one per actor, instead of
+    # both on whichever actor started first. On every node, so a driver the Jobs API starts honours it too.
+    with LocalCluster(tmp_path_factory.mktemp("cluster"), workers=("a", "b"), cpus_per_worker=2,
+                      env={"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"}) as running:
         yield running
 
 
@@ -42,14 +45,8 @@ def by_name(per_node: dict, cluster: LocalCluster) -> dict[str, dict]:
     return {names.get(node, node): counts for node, counts in per_node.items()}
 
 
-def client_env(cluster: LocalCluster) -> dict[str, str]:
-    # Ray Data dispatches rows once every actor of a pool is up: the two tiny videos land one per actor, instead
-    # of both on whichever actor started first.
-    return {**cluster.client_env(), "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"}
-
-
 def exvideo(cluster: LocalCluster, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(Path(sys.executable).parent / "exvideo"), *args], env=client_env(cluster),
+    done = subprocess.run([str(Path(sys.executable).parent / "exvideo"), *args], env=cluster.client_env(),
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done
@@ -76,7 +73,7 @@ def test_workflow_spreads_over_both_nodes_and_resumes_after_its_driver_is_killed
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     work = tmp_path / "work"
     driver = subprocess.Popen([str(Path(sys.executable).parent / "exvideo"), "run", str(tmp_path / "spec.yaml")],
-                              env=client_env(cluster), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env=cluster.client_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: any(registered(run, "checkpoint-00000002") for run in work.glob("train-*/train")), 400,
                  "train's first registered checkpoint")
@@ -150,7 +147,7 @@ def run_losing_node_b(cluster: LocalCluster, args: list[str], ready, what: str,
                       back_after_s: float | None = None) -> str:
     """Run `exvideo *args` on the cluster; once `ready()`, kill worker node b (and restart it `back_after_s` later,
     as a preempted node is replaced); return the command's output, asserting it succeeded."""
-    process = subprocess.Popen([str(Path(sys.executable).parent / "exvideo"), *args], env=client_env(cluster),
+    process = subprocess.Popen([str(Path(sys.executable).parent / "exvideo"), *args], env=cluster.client_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(ready, 400, what)

@@ -359,10 +359,14 @@ def _results_path(cfg: MiniatureConfig) -> Path:
 
 def run_miniature(cfg: MiniatureConfig) -> dict:
     """Run (or resume) the whole experiment; write results.json and the markdown table; return the results."""
-    torch.set_num_threads(cfg.torch_threads)
     timer = Timer()
-    models = build_models(cfg, timer)
-    evaluation = generate_and_evaluate(cfg, models, timer) if cfg.generate else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.torch_threads)
+    try:  # the caller's thread count back afterwards: a test session goes on with it
+        models = build_models(cfg, timer)
+        evaluation = generate_and_evaluate(cfg, models, timer) if cfg.generate else None
+    finally:
+        torch.set_num_threads(threads)
     results = {"config": cfg.model_dump(mode="json"), "validation_loss": models["validation_loss"],
                "vae_psnr": models["vae_psnr"], "evaluation": evaluation, "phases_s": timer.phases,
                "wall_s": timer.total}
