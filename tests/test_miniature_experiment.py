@@ -84,7 +84,9 @@ def test_trainable_all_trains_every_weight_and_checkpoints_them():
 def test_miniature_end_to_end_post_tuning_lowers_long_clip_loss(tmp_path):
     cfg = MiniatureConfig(workdir=tmp_path / "mini", train_videos=8, heldout_videos=1, vae_steps=10,
                           base_steps=20, post_steps=20, post_lr=3e-4, val_levels=4, gen_steps=2)
+    threads = torch.get_num_threads()
     results = run_miniature(cfg)
+    assert torch.get_num_threads() == threads  # the session's tests after it keep their thread count
     losses = results["validation_loss"]
     # Same held-out clips, noise levels and noise before and after: post-tuning must have learnt the long clips.
     assert losses["exvideo post-tuned"] < losses["base"]
