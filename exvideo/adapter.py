@@ -2,8 +2,8 @@
 
 Two layouts are read:
 
-* ours (`format=exvideo-adapter` in the metadata): diffusers parameter names, plus num_frames, format version and a
-  fingerprint of the base UNet;
+* ours (`format=exvideo-adapter` in the metadata): diffusers parameter names, plus num_frames, format version, the
+  model family (`svd` or `animatediff`; an adapter without one is SVD's) and a fingerprint of the base UNet;
 * the released reference checkpoint (`ExVideo-SVD-128f-v1`): names `blocks.N.<name>` by the reference
   implementation's flat block index, mapped to diffusers modules as in docs/method.md, section 5.
 
@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from exvideo.trainable import trainable_parameters
-from exvideo.unet import CONFIG_KEY, extend_unet, extended_num_frames, spatio_temporal_transformers
+from exvideo.unet import CONFIG_KEY, extend_unet, extended_num_frames, spatio_temporal_transformers, unet_family
 
 FORMAT = "exvideo-adapter"
 FORMAT_VERSION = "1"
@@ -63,6 +63,9 @@ ARCHITECTURE_KEYS = (
     "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
     "addition_time_embed_dim", "projection_class_embeddings_input_dim", "layers_per_block",
     "cross_attention_dim", "transformer_layers_per_block", "num_attention_heads",
+    # AnimateDiff's motion modules (absent from SVD configs, so SVD fingerprints are unchanged).
+    "motion_max_seq_length", "motion_num_attention_heads", "temporal_transformer_layers_per_block",
+    "use_motion_mid_block",
 )
 
 
@@ -144,6 +147,7 @@ def adapter_metadata(unet: nn.Module, base_model: str = "", training: dict[str, 
     return {**(training or {}),
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "family": unet_family(unet),
         "num_frames": str(extended_num_frames(unet)),
         "base_config": json.dumps(base_config(unet), sort_keys=True),
         "base_fingerprint": base_fingerprint(unet),
@@ -232,6 +236,10 @@ def apply_adapter(unet: nn.Module, tensors: dict[str, torch.Tensor], metadata: d
     """
     metadata = metadata or {}
     layout = detect_layout(tensors, metadata)
+    family = metadata.get("family", "svd")
+    if family != unet_family(unet):
+        raise AdapterMismatchError(f"it is an adapter for the {family} family, but the UNet is "
+                                   f"{type(unet).__name__} ({unet_family(unet)}); load it into a {family} base model")
     num_frames = int(metadata["num_frames"]) if layout == "diffusers" else _table_length(tensors, layout)
     current = extended_num_frames(unet)
     if current is None:

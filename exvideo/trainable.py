@@ -1,9 +1,13 @@
 """The parameters ExVideo post-tunes, and freezing everything else.
 
-The trainable set is, per spatio-temporal transformer: its temporal transformer blocks (with their new 3D
-convolutions), its frame-position MLP (`time_pos_embed`) and its position table (`time_proj.embeddings`).
-Spatial blocks, temporal ResNet blocks, mixers, the VAE and the image encoder stay frozen. On the SVD-XT config this
-is 832,956,800 parameters in 528 tensors.
+SVD: per spatio-temporal transformer, its temporal transformer blocks (with their new 3D convolutions), its
+frame-position MLP (`time_pos_embed`) and its position table (`time_proj.embeddings`). Spatial blocks, temporal
+ResNet blocks, mixers, the VAE and the image encoder stay frozen. On the SVD-XT config this is 832,956,800
+parameters in 528 tensors.
+
+AnimateDiff: every motion module whole (its attention blocks, with their new position tables, its new 3D
+convolution, its norm and projections). The spatial UNet of Stable Diffusion, the VAE and the text encoder stay
+frozen.
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from diffusers import UNetMotionModel
 from torch import nn
 
 from exvideo.speed import apply_speed, enable_checkpointing
 from exvideo.speed_options import SpeedOptions, refuse_generation_switches
-from exvideo.unet import BASE_FRAMES, extend_unet, extended_num_frames, spatio_temporal_transformers
+from exvideo.motion_unet import motion_modules
+from exvideo.unet import extend_unet, extended_num_frames, spatio_temporal_transformers
 
 TRAINABLE_CHILDREN = ("temporal_transformer_blocks.", "time_pos_embed.", "time_proj.")
 
@@ -27,6 +33,9 @@ def trainable_parameters(unet: nn.Module) -> dict[str, nn.Parameter]:
     """
     if extended_num_frames(unet) is None:
         raise ValueError("UNet is not extended; call exvideo.extend_unet(unet, num_frames=...) first")
+    if isinstance(unet, UNetMotionModel):
+        return {f"{prefix}.{name}": param for prefix, module in motion_modules(unet).items()
+                for name, param in module.named_parameters()}
     selected = {}
     for prefix, transformer in spatio_temporal_transformers(unet).items():
         for name, param in transformer.named_parameters():
@@ -46,12 +55,13 @@ def freeze_for_post_tuning(unet: nn.Module) -> dict[str, nn.Parameter]:
 
 def prepare_for_post_tuning(unet: nn.Module, num_frames: int, precision: str = "fp32",
                             gradient_checkpointing: bool = True, device: torch.device | str = "cpu",
-                            speed: SpeedOptions = SpeedOptions(), base_frames: int = BASE_FRAMES,
+                            speed: SpeedOptions = SpeedOptions(), base_frames: int | None = None,
                             mode: Literal["temporal", "all"] = "temporal") -> dict[str, nn.Parameter]:
     """Extend and freeze a base UNet for post-tuning, in place, and return its trainable set.
 
     mode "all" trains a base model instead: the UNet stays unextended and every weight is trainable.
-    `base_frames`: the clip length the base was trained on, for the cyclic position table (`extend_unet`).
+    `base_frames`: the clip length the base was trained on, for the cyclic position table (`extend_unet`; default:
+    the family's).
 
     precision "bf16": frozen weights in bf16 (the forward runs under autocast), trainable weights and their AdamW
     state in fp32. `speed` picks the convolution layout, what checkpointing recomputes and whether blocks compile

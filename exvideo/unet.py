@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNetSpatioTemporalConditionModel
+from diffusers import UNetMotionModel, UNetSpatioTemporalConditionModel
 from diffusers.models.transformers.transformer_temporal import (
     TransformerSpatioTemporalModel,
     TransformerTemporalModelOutput,
@@ -290,6 +290,10 @@ def spatio_temporal_transformers(unet: nn.Module) -> dict[str, TransformerSpatio
 
 def extended_num_frames(unet: nn.Module) -> int | None:
     """Length of the UNet's ExVideo position tables, or None if it has not been extended."""
+    if isinstance(unet, UNetMotionModel):
+        from exvideo.motion_unet import motion_num_frames  # it builds on this module
+
+        return motion_num_frames(unet)
     lengths = {m.time_proj.num_frames for m in spatio_temporal_transformers(unet).values()
                if isinstance(m, ExVideoTransformerSpatioTemporalModel)}
     if not lengths:
@@ -306,39 +310,65 @@ def _extend_transformer(transformer: TransformerSpatioTemporalModel, ids: torch.
         table = transformer.time_proj(ids.to(anchor.device)).to(anchor.dtype)
     transformer.time_proj = FramePositionTable(table)
     for temporal_block in transformer.temporal_transformer_blocks:
-        channels = temporal_block.norm1.normalized_shape[0]
-        conv = nn.Conv3d(channels, channels, kernel_size=3, padding=1, padding_mode="reflect",
-                         device=anchor.device, dtype=anchor.dtype)
-        with torch.no_grad():
-            conv.weight.zero_()
-            conv.weight[:, :, 1, 1, 1] = torch.eye(channels, device=anchor.device, dtype=anchor.dtype)
-            conv.bias.zero_()
-        temporal_block.positional_conv = conv
+        temporal_block.positional_conv = identity_conv3d(temporal_block.norm1.normalized_shape[0], anchor)
     transformer.__class__ = ExVideoTransformerSpatioTemporalModel
 
 
-def extend_unet(unet: UNetSpatioTemporalConditionModel, num_frames: int = 128,
-                base_frames: int = BASE_FRAMES) -> UNetSpatioTemporalConditionModel:
-    """Convert a diffusers SVD UNet to ExVideo in place and return it.
+def identity_conv3d(channels: int, like: torch.Tensor) -> nn.Conv3d:
+    """ExVideo's `Conv3d(channels, channels, 3)` on `like`'s device and dtype, returning its input: centre tap the
+    identity, every other weight and the bias zero."""
+    conv = nn.Conv3d(channels, channels, kernel_size=3, padding=1, padding_mode="reflect", device=like.device,
+                     dtype=like.dtype)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, :, 1, 1, 1] = torch.eye(channels, device=like.device, dtype=like.dtype)
+        conv.bias.zero_()
+    return conv
 
-    `base_frames` is the clip length the base model was trained on (SVD: 25); the table keeps positions below it
-    and bounces later frames back into them (`cyclic_position_ids`).
 
-    Works on any `UNetSpatioTemporalConditionModel` config (tiny or SVD-XT) and on any device, `meta` included.
-    The UNet's config records `exvideo_num_frames`, so `exvideo.load_unet` can rebuild it from `save_pretrained`.
+def unet_family(unet: nn.Module) -> str:
+    """"animatediff" for a `UNetMotionModel`, else "svd": what adapters record and check."""
+    return "animatediff" if isinstance(unet, UNetMotionModel) else "svd"
+
+
+def family_base_frames(unet: nn.Module) -> int:
+    """The clip length a UNet's family was trained on: 25 for SVD, 16 for AnimateDiff's motion modules."""
+    from exvideo.motion_unet import MOTION_BASE_FRAMES
+
+    return MOTION_BASE_FRAMES if isinstance(unet, UNetMotionModel) else BASE_FRAMES
+
+
+def extend_unet(unet: UNetSpatioTemporalConditionModel | UNetMotionModel, num_frames: int = 128,
+                base_frames: int | None = None) -> UNetSpatioTemporalConditionModel | UNetMotionModel:
+    """Convert a diffusers SVD UNet, or an AnimateDiff `UNetMotionModel`, to ExVideo in place and return it.
+
+    `base_frames` is the clip length the base model was trained on (default: the family's, `family_base_frames`);
+    the tables keep positions below it and bounce later frames back into them (`cyclic_position_ids`). SVD's
+    spatio-temporal transformers change as this module's docstring says, AnimateDiff's motion modules as
+    exvideo.motion_unet's says.
+
+    Works on any config of either class (tiny or full size) and on any device, `meta` included. The UNet's config
+    records `exvideo_num_frames`, so `exvideo.load_unet` can rebuild an SVD UNet from `save_pretrained`.
     """
-    if not isinstance(unet, UNetSpatioTemporalConditionModel):
-        raise TypeError(f"extend_unet needs a diffusers UNetSpatioTemporalConditionModel, got {type(unet).__name__}")
+    if not isinstance(unet, (UNetSpatioTemporalConditionModel, UNetMotionModel)):
+        raise TypeError("extend_unet needs a diffusers UNetSpatioTemporalConditionModel (SVD) or UNetMotionModel "
+                        f"(AnimateDiff), got {type(unet).__name__}")
     current = extended_num_frames(unet)
     if current is not None:
         if current != num_frames:
             raise ValueError(f"UNet is already extended to {current} frames; cannot re-extend to {num_frames}")
         return unet
-    transformers = spatio_temporal_transformers(unet)
-    if not transformers:
-        raise ValueError("UNet has no TransformerSpatioTemporalModel to extend")
-    ids = torch.tensor(cyclic_position_ids(num_frames, base_frames, min(CYCLE_LOW, base_frames - 2)))
-    for transformer in transformers.values():
-        _extend_transformer(transformer, ids)
+    base_frames = base_frames or family_base_frames(unet)
+    ids = cyclic_position_ids(num_frames, base_frames, min(CYCLE_LOW, base_frames - 2))
+    if isinstance(unet, UNetMotionModel):
+        from exvideo.motion_unet import extend_motion_unet
+
+        extend_motion_unet(unet, ids)
+    else:
+        transformers = spatio_temporal_transformers(unet)
+        if not transformers:
+            raise ValueError("UNet has no TransformerSpatioTemporalModel to extend")
+        for transformer in transformers.values():
+            _extend_transformer(transformer, torch.tensor(ids))
     unet.register_to_config(**{CONFIG_KEY: num_frames})
     return unet
