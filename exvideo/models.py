@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +48,12 @@ class SVDComponents:
         )
 
 
-def _require_dir(path: Path, what: str) -> None:
+def require_dir(path: Path, what: str) -> None:
+    """Refuse a missing checkpoint directory, saying what to point at instead."""
     if not path.is_dir():
         raise FileNotFoundError(
-            f"{what} directory {path} does not exist; point to a local diffusers-format SVD checkpoint "
-            "(nothing is downloaded) or write a tiny one with `exvideo make-tiny-model DIR`"
+            f"{what} directory {path} does not exist; point to a local diffusers-format checkpoint "
+            "(nothing is downloaded) or write a tiny one with `exvideo make-tiny-model DIR [--family ...]`"
         )
 
 
@@ -80,7 +82,7 @@ def load_unet(path: str | os.PathLike, dtype: torch.dtype = torch.float32, varia
     """
     path = Path(path)
     unet_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
-    _require_dir(unet_dir, "UNet")
+    require_dir(unet_dir, "UNet")
     config_file = unet_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{unet_dir} has no config.json; it is not a diffusers model directory")
@@ -108,7 +110,7 @@ def load_svd(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
              variant: str | None = None) -> SVDComponents:
     """Load unet, vae, image_encoder, feature_extractor and scheduler from a local SVD checkpoint directory."""
     path = Path(path)
-    _require_dir(path, "SVD checkpoint")
+    require_dir(path, "SVD checkpoint")
     absent = [name for name in COMPONENTS if not (path / name).is_dir()]
     if absent:
         raise FileNotFoundError(f"SVD checkpoint {path} lacks component folders {absent}; expected {list(COMPONENTS)}")
@@ -158,8 +160,9 @@ def tiny_svd_components(seed: int = 0, cross_attention_dim: int = 32) -> SVDComp
     return SVDComponents(unet.eval(), vae.eval(), image_encoder.eval(), feature_extractor, scheduler)
 
 
-def write_tiny_svd(path: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write a tiny random SVD checkpoint in diffusers format (what `load_svd` reads), atomically."""
+def write_directory_atomically(path: str | os.PathLike, overwrite: bool, save: Callable[[Path], None]) -> Path:
+    """Have `save` write a directory under a temporary name beside `path`, then move it to `path`: a reader never
+    sees half a checkpoint. An existing `path` is refused unless `overwrite`."""
     path = Path(path)
     if path.exists():
         if not overwrite:
@@ -167,6 +170,11 @@ def write_tiny_svd(path: str | os.PathLike, seed: int = 0, overwrite: bool = Fal
         shutil.rmtree(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tiny_svd_components(seed).pipeline().save_pretrained(tmp)
+    save(tmp)
     os.replace(tmp, path)
     return path
+
+
+def write_tiny_svd(path: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a tiny random SVD checkpoint in diffusers format (what `load_svd` reads), atomically."""
+    return write_directory_atomically(path, overwrite, tiny_svd_components(seed).pipeline().save_pretrained)

@@ -29,9 +29,10 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> None:
-    from exvideo import write_tiny_svd
+    from exvideo import write_tiny_animatediff, write_tiny_svd
 
-    print(f"wrote tiny SVD checkpoint to {write_tiny_svd(args.path, seed=args.seed, overwrite=args.overwrite)}")
+    write, name = {"svd": (write_tiny_svd, "SVD"), "animatediff": (write_tiny_animatediff, "AnimateDiff")}[args.family]
+    print(f"wrote tiny {name} checkpoint to {write(args.path, seed=args.seed, overwrite=args.overwrite)}")
 
 
 def _make_synthetic_corpus(args: argparse.Namespace) -> None:
@@ -83,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="override a spec field (train.max_steps=10)")
     workflow.set_defaults(func=_run_workflow)
 
-    tiny = commands.add_parser("make-tiny-model", help="write a tiny random SVD checkpoint in diffusers format")
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny random checkpoint (SVD or AnimateDiff) in "
+                                                       "diffusers format")
     tiny.add_argument("path", type=Path)
+    tiny.add_argument("--family", choices=("svd", "animatediff"), default="svd")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true")
     tiny.set_defaults(func=_make_tiny_model)

@@ -1,10 +1,16 @@
 """ExVideo on AnimateDiff (`UNetMotionModel`): the motion modules' position tables and 3D convolutions, their
-trainable set and their adapters, on a tiny random UNet of diffusers' own classes."""
+trainable set and their adapters, on a tiny random UNet of diffusers' own classes; and the tiny AnimateDiff
+checkpoint `exvideo make-tiny-model --family animatediff` writes."""
 
 from __future__ import annotations
 
 import copy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNetMotionModel
@@ -17,8 +23,12 @@ from exvideo import (
     extended_num_frames,
     freeze_for_post_tuning,
     load_adapter,
+    load_animatediff,
+    model_family,
     save_adapter,
+    tiny_animatediff_components,
     trainable_parameters,
+    write_tiny_animatediff,
 )
 from exvideo.motion_unet import MOTION_BASE_FRAMES, ExVideoAnimateDiffTransformer3D, motion_modules
 
@@ -142,3 +152,55 @@ def test_a_base_length_beyond_the_sinusoid_is_refused_before_any_module_changes(
         extend_unet(unet, num_frames=64, base_frames=40)
     assert all(type(m) is AnimateDiffTransformer3D for m in motion_modules(unet).values())
     assert extended_num_frames(unet) is None and "exvideo_num_frames" not in unet.config
+
+
+# -- a tiny AnimateDiff checkpoint on disk -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_animatediff_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("animatediff") / "tiny-animatediff"
+    done = subprocess.run([str(Path(sys.executable).parent / "exvideo"), "make-tiny-model", str(folder),
+                           "--family", "animatediff"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"wrote tiny AnimateDiff checkpoint to {folder}" in done.stdout
+    return folder
+
+
+def test_the_tiny_checkpoint_is_diffusers_animatediff_and_loads_with_the_real_classes(tiny_animatediff_dir):
+    assert model_family(tiny_animatediff_dir) == "animatediff"
+    assert sorted(p.name for p in tiny_animatediff_dir.iterdir() if p.is_dir()) == sorted(
+        ("unet", "motion_adapter", "vae", "text_encoder", "tokenizer", "scheduler"))
+    loaded = load_animatediff(tiny_animatediff_dir)
+    written = tiny_animatediff_components(seed=0)
+    assert isinstance(loaded.unet, UNetMotionModel) and len(motion_modules(loaded.unet)) == 7
+    for part in ("unet", "motion_adapter", "vae", "text_encoder"):
+        theirs = getattr(written, part).state_dict()
+        assert all(torch.equal(tensor, theirs[name]) for name, tensor in getattr(loaded, part).state_dict().items())
+        assert not any(p.requires_grad for p in getattr(loaded, part).parameters())
+    ids = loaded.tokenizer(["a red ball", "?"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids.shape == (2, 77) and ids[0, 0] == 512 and ids[0, 11] == 513  # start, 10 byte tokens, end
+    assert loaded.text_encoder(ids).last_hidden_state.shape == (2, 77, 16)
+
+
+def test_diffusers_own_pipeline_makes_a_video_from_the_extended_unet(tiny_animatediff_dir):
+    parts = load_animatediff(tiny_animatediff_dir)
+    extend_unet(parts.unet, num_frames=24)
+    frames = parts.pipeline()("a red ball", num_frames=24, height=64, width=64, num_inference_steps=2,
+                              guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 24, 64, 64, 3) and np.isfinite(frames).all()
+
+
+def test_missing_components_and_foreign_checkpoints_are_named(tiny_animatediff_dir, tmp_path, tiny_svd_dir):
+    partial = shutil.copytree(tiny_animatediff_dir, tmp_path / "partial")
+    shutil.rmtree(partial / "motion_adapter")
+    with pytest.raises(FileNotFoundError, match=r"lacks component folders \['motion_adapter'\]"):
+        load_animatediff(partial)
+    with pytest.raises(FileNotFoundError, match="does not exist; point to a local diffusers-format checkpoint"):
+        load_animatediff(tmp_path / "nowhere")
+    assert model_family(tiny_svd_dir) == "svd"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    with pytest.raises(ValueError, match="holds a StableDiffusionPipeline; exvideo serves"):
+        model_family(tmp_path / "other")
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_tiny_animatediff(tiny_animatediff_dir)
