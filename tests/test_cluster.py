@@ -90,6 +90,9 @@ def test_workflow_spreads_over_both_nodes_and_resumes_after_its_driver_is_killed
     assert re.search(r"^submitted job \S+ to http://127\.0\.0\.1:\d+", out, re.M)
     assert re.search(r"job \S+: SUCCEEDED", out)
     assert "[1/4] preprocess: done before, skipped" in out and f"[2/4] train: running in {train}" in out
+    # The workers' own lines reach the job's log: the ranks resumed from a checkpoint the killed run registered.
+    resumed = {int(n) for n in re.findall(r"resumed from step (\d+)", out)}
+    assert resumed and resumed <= {2, 4}, out[-4000:]
     # Resumed, not restarted: the checkpoints the killed run saved are still the very same files.
     assert saved and all(p.stat().st_mtime_ns == mtime for p, mtime in saved.items())
     assert json.loads((train / "train" / "result.json").read_text())["steps"] == 6
