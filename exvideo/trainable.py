@@ -68,6 +68,10 @@ def prepare_for_post_tuning(unet: nn.Module, num_frames: int, precision: str = "
     (exvideo.speed); it refuses compile_blocks=True with selective checkpointing, and generation's switches.
     """
     refuse_generation_switches(speed)
+    if isinstance(unet, UNetMotionModel):
+        # Checkpointing and the speed switches act on SVD's transformers: on motion modules they would do nothing.
+        raise NotImplementedError("post-tuning AnimateDiff is not built yet (its checkpointing and speed switches); "
+                                  "extend_unet and freeze_for_post_tuning already serve UNetMotionModel")
     if mode == "all":
         trainable = dict(unet.named_parameters())
         unet.requires_grad_(True)

@@ -368,7 +368,8 @@ def extend_unet(unet: UNetSpatioTemporalConditionModel | UNetMotionModel, num_fr
         transformers = spatio_temporal_transformers(unet)
         if not transformers:
             raise ValueError("UNet has no TransformerSpatioTemporalModel to extend")
+        table_ids = torch.tensor(ids)
         for transformer in transformers.values():
-            _extend_transformer(transformer, torch.tensor(ids))
+            _extend_transformer(transformer, table_ids)
     unet.register_to_config(**{CONFIG_KEY: num_frames})
     return unet
