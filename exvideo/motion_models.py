@@ -29,6 +29,7 @@ from exvideo.models import require_dir, write_directory_atomically
 
 COMPONENTS = ("unet", "motion_adapter", "vae", "text_encoder", "tokenizer", "scheduler")
 FAMILY_OF_PIPELINE = {"StableVideoDiffusionPipeline": "svd", "AnimateDiffPipeline": "animatediff"}
+FAMILIES = tuple(FAMILY_OF_PIPELINE.values())
 
 
 @dataclass
@@ -48,15 +49,28 @@ class AnimateDiffComponents:
                                    unet=self.unet, motion_adapter=self.motion_adapter, scheduler=self.scheduler)
 
 
-def model_family(path: str | os.PathLike) -> str:
-    """"svd" or "animatediff": the family of the diffusers checkpoint at `path`, from its model_index.json."""
+def model_family(path: str | os.PathLike, declared: str | None = None) -> str:
+    """"svd" or "animatediff": the family of the diffusers checkpoint at `path`, from its model_index.json.
+
+    `declared` (a spec's override) stands for a directory without model_index.json, and must agree with one
+    that has it.
+    """
+    if declared is not None and declared not in FAMILIES:
+        raise ValueError(f"model family {declared!r} is not one of {list(FAMILIES)}")
     index = Path(path) / "model_index.json"
     if not index.is_file():
-        raise FileNotFoundError(f"{path} has no model_index.json; point to a diffusers-format checkpoint directory")
+        if declared is not None:
+            return declared
+        raise FileNotFoundError(f"{path} has no model_index.json; point to a diffusers-format checkpoint directory "
+                                "or declare its family (svd or animatediff)")
     name = json.loads(index.read_text()).get("_class_name")
     if name not in FAMILY_OF_PIPELINE:
         raise ValueError(f"{path} holds a {name}; exvideo serves {sorted(FAMILY_OF_PIPELINE)} checkpoints")
-    return FAMILY_OF_PIPELINE[name]
+    detected = FAMILY_OF_PIPELINE[name]
+    if declared is not None and declared != detected:
+        raise ValueError(f"the spec declares model family {declared!r} but {path} holds a {name} ({detected!r}); "
+                         "drop the declaration or point to the right checkpoint")
+    return detected
 
 
 def load_animatediff(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -70,16 +84,28 @@ def load_animatediff(path: str | os.PathLike, dtype: torch.dtype = torch.float32
                                 f"{list(COMPONENTS)} (what AnimateDiffPipeline.save_pretrained writes)")
     common = {"local_files_only": True}
     components = AnimateDiffComponents(
-        unet=UNetMotionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **common),
+        unet=load_motion_unet(path, dtype),
         motion_adapter=MotionAdapter.from_pretrained(path, subfolder="motion_adapter", torch_dtype=dtype, **common),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **common),
         text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **common),
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
-        scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler", **common),
+        scheduler=load_scheduler(path),
     )
     for module in (components.unet, components.motion_adapter, components.vae, components.text_encoder):
         module.to(device).eval().requires_grad_(False)
     return components
+
+
+def load_motion_unet(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> UNetMotionModel:
+    """The `UNetMotionModel` of a local AnimateDiff checkpoint (all training loads: no VAE, no text encoder)."""
+    require_dir(Path(path) / "unet", "AnimateDiff UNet")
+    return UNetMotionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, local_files_only=True)
+
+
+def load_scheduler(path: str | os.PathLike) -> DDIMScheduler:
+    """The checkpoint's scheduler: its noise schedule and prediction type define the training objective."""
+    require_dir(Path(path) / "scheduler", "AnimateDiff scheduler")
+    return DDIMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
 
 
 def _byte_characters() -> list[str]:

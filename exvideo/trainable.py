@@ -12,6 +12,7 @@ frozen.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Literal
 
 import torch
@@ -66,12 +67,15 @@ def prepare_for_post_tuning(unet: nn.Module, num_frames: int, precision: str = "
     precision "bf16": frozen weights in bf16 (the forward runs under autocast), trainable weights and their AdamW
     state in fp32. `speed` picks the convolution layout, what checkpointing recomputes and whether blocks compile
     (exvideo.speed); it refuses compile_blocks=True with selective checkpointing, and generation's switches.
+    An AnimateDiff UNet runs diffusers' own modules and checkpointing: it refuses speed switches other than the
+    defaults, which act on SVD's spatio-temporal transformers only.
     """
     refuse_generation_switches(speed)
-    if isinstance(unet, UNetMotionModel):
-        # Checkpointing and the speed switches act on SVD's transformers: on motion modules they would do nothing.
-        raise NotImplementedError("post-tuning AnimateDiff is not built yet (its checkpointing and speed switches); "
-                                  "extend_unet and freeze_for_post_tuning already serve UNetMotionModel")
+    motion = isinstance(unet, UNetMotionModel)
+    if motion and speed != SpeedOptions():
+        changed = sorted(k for k, v in asdict(speed).items() if v != asdict(SpeedOptions())[k])
+        raise ValueError(f"speed switches {changed} act on SVD's spatio-temporal transformers; an AnimateDiff UNet's "
+                         "motion modules run diffusers' own code: leave them at their defaults")
     if mode == "all":
         trainable = dict(unet.named_parameters())
         unet.requires_grad_(True)
@@ -82,8 +86,11 @@ def prepare_for_post_tuning(unet: nn.Module, num_frames: int, precision: str = "
         unet.to(torch.bfloat16)
         for param in trainable.values():
             param.data = param.data.float()
-    if gradient_checkpointing:
+    if gradient_checkpointing and motion:
+        unet.enable_gradient_checkpointing()
+    elif gradient_checkpointing:
         enable_checkpointing(unet, speed.checkpointing)
     unet.train().to(device)
-    apply_speed(unet, speed)  # on the device: compile_blocks "gpu" compiles only on a GPU
+    if not motion:
+        apply_speed(unet, speed)  # on the device: compile_blocks "gpu" compiles only on a GPU
     return trainable

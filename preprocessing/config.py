@@ -21,7 +21,13 @@ class PreprocessConfig(StageConfig):
     input: str = Field(..., description="manifest (.json list, .jsonl, .csv, .parquet) or a folder of videos; "
                                         "local path or any URI pyarrow opens (s3://, gs://, hdfs://)")
     output: Path = Field(..., description="output folder (local): shards, index, ledger, run manifest")
-    model: Path = Field(..., description="local diffusers-format SVD checkpoint whose VAE and CLIP encoder to use")
+    model: Path = Field(..., description="local diffusers-format checkpoint (SVD or AnimateDiff) whose VAE and "
+                                         "CLIP encoder to use")
+    family: Literal["svd", "animatediff"] | None = Field(
+        None, description="the model's family; unset: read from the checkpoint's model_index.json")
+    default_prompt: str | None = Field(
+        None, min_length=1, description="AnimateDiff: caption of clips whose manifest row has none (unset: such "
+                                        "sources go to the ledger)")
 
     # What a clip is.
     num_frames: int = Field(128, ge=2)
@@ -65,8 +71,8 @@ class PreprocessConfig(StageConfig):
     def content_fields(self) -> dict:
         """The output fields that decide what the run writes (not output or model), JSON-ready."""
         # Where the output and the weights live is not what the run writes: a moved folder stays resumable, and
-        # the encoder's weights are checked by their own fingerprint.
-        data = self.output_fields(exclude={"output", "model"})
+        # the encoder's weights (and so the model's family) are checked by their own fingerprint.
+        data = self.output_fields(exclude={"output", "model", "family"})
         data["format_version"] = FORMAT_VERSION
         return data
 

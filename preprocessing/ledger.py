@@ -20,6 +20,7 @@ REASON_CODES = {
     "portrait": "the frame is taller than wide and portrait sources are not allowed",
     "variable_frame_rate": "frame intervals vary more than the tolerance",
     "decode_error": "decoding the clip's frames failed",
+    "no_caption": "the model family trains on captions and the source has none (and no default prompt is set)",
     "encode_error": "the VAE or CLIP encoder failed on the clip",
 }
 

@@ -40,7 +40,16 @@ def _failure_row(source: dict, clip_index: int, error: SourceError, last: bool =
 
 
 def prepare_source(source: dict, cfg: PreprocessConfig) -> list[dict]:
-    """Clip rows (uint8 pixels [T, H, W, 3] as raw bytes) of one source, or a single failure row."""
+    """Clip rows (uint8 pixels [T, H, W, 3] as raw bytes) of one source, or a single failure row.
+
+    AnimateDiff learns from captions: a source without one takes `cfg.default_prompt`, or fails before decoding.
+    """
+    if cfg.family == "animatediff" and not source["caption"]:
+        if cfg.default_prompt is None:
+            error = SourceError("prepare", "no_caption", "the manifest row has no caption and AnimateDiff trains on "
+                                                         "captions; add one or set preprocess.default_prompt")
+            return [_failure_row(source, -1, error, last=True)]
+        source = {**source, "caption": cfg.default_prompt}
     try:
         video = VideoFile(source["uri"])
         info = probe(video, cfg)

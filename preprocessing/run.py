@@ -16,7 +16,8 @@ import ray
 from tqdm import tqdm
 
 from preprocessing.config import PreprocessConfig
-from preprocessing.encode import ENTRY_COLUMNS, ClipEncoder, encoder_fingerprint, resolve_device
+from exvideo.motion_models import model_family
+from preprocessing.encode import ENCODERS, ENTRY_COLUMNS, encoder_fingerprint, resolve_device
 from preprocessing.ledger import Failure
 from preprocessing.manifest import read_sources
 from preprocessing.outputs import claim_output, write_run_manifest
@@ -46,7 +47,7 @@ def build_dataset(sources: list[dict], cfg: PreprocessConfig, config_hash: str, 
     dataset = ray.data.from_items(sources, override_num_blocks=max(1, min(len(sources), MAX_INPUT_BLOCKS)))
     dataset = dataset.flat_map(prepare_source, fn_kwargs={"cfg": cfg})
     return dataset.map_batches(
-        ClipEncoder, fn_constructor_kwargs={"cfg": cfg, "device": device, "config_hash": config_hash,
+        ENCODERS[cfg.family], fn_constructor_kwargs={"cfg": cfg, "device": device, "config_hash": config_hash,
                                             "fingerprint": fingerprint},
         batch_size=cfg.encode_batch_size, batch_format="pyarrow",
         # All encoders from the start, but the pool may shrink: after a node is lost, the encoders that restart on
@@ -68,8 +69,13 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     """Run (or resume) preprocessing into `cfg.output`; return the run manifest with its counts.
 
     A read-only output folder is refused before any work; a filesystem that fills up stops the run with a
-    StorageError naming the folder and the free space, with nothing partial under a final name.
+    StorageError naming the folder and the free space, with nothing partial under a final name. An unset
+    `family` is read from the checkpoint first, so the output folder records the family it holds.
     """
+    if cfg.model.is_dir():  # a missing checkpoint is reported with the components preprocessing needs, below
+        cfg = cfg.model_copy(update={"family": model_family(cfg.model, cfg.family)})
+    elif cfg.family is None:
+        cfg = cfg.model_copy(update={"family": "svd"})
     check_writable(cfg.output)
     with storage_errors(cfg.output, "write the run's files in"):
         return _preprocess(cfg)
@@ -77,7 +83,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
 
 def _preprocess(cfg: PreprocessConfig) -> dict:
     started = time.perf_counter()
-    config_hash, fingerprint = cfg.content_hash(), encoder_fingerprint(cfg.model)
+    config_hash, fingerprint = cfg.content_hash(), encoder_fingerprint(cfg.model, cfg.family)
     claim_output(cfg.output, RUN_MANIFEST, _identity(cfg, fingerprint))
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -111,7 +117,7 @@ def _preprocess(cfg: PreprocessConfig) -> dict:
                     if failure.identity() not in recorded:
                         writer.failures.append(failure)
                 elif row["key"] not in committed_keys:
-                    entries = {"__key__": row["key"], **{name: row[col] for name, col in ENTRY_COLUMNS.items()}}
+                    entries = {"__key__": row["key"], **{name: row[col] for name, col in ENTRY_COLUMNS.items() if row[col]}}
                     writer.add(entries, _index_row(row))
                     written += 1
                     add_count(per_node, row["encode_node"], "clips_encoded")

@@ -32,6 +32,14 @@ def tiny_svd_dir(tmp_path_factory) -> Path:
     return write_tiny_svd(tmp_path_factory.mktemp("models") / "tiny-svd")
 
 
+@pytest.fixture(scope="session")
+def tiny_animatediff_dir(tmp_path_factory) -> Path:
+    """A tiny random AnimateDiff checkpoint written in diffusers format, shared by the whole session (read-only)."""
+    from exvideo.motion_models import write_tiny_animatediff
+
+    return write_tiny_animatediff(tmp_path_factory.mktemp("models") / "tiny-animatediff")
+
+
 @pytest.fixture
 def tiny_unet():
     """A fresh tiny base UNet (SVD topology) for tests that modify it."""

@@ -31,6 +31,7 @@ from exvideo import (
     trainable_parameters,
     write_tiny_animatediff,
 )
+from exvideo.speed_options import SpeedOptions
 from exvideo.motion_unet import MOTION_BASE_FRAMES, ExVideoAnimateDiffTransformer3D, motion_modules
 
 
@@ -120,9 +121,12 @@ def test_the_trainable_set_is_the_motion_modules_and_the_rest_stays_frozen(base)
     assert {n for n, p in unet.named_parameters() if p.requires_grad} == set(trainable)
     frozen = [n for n, p in unet.named_parameters() if not p.requires_grad]
     assert any(n.startswith("down_blocks.0.attentions.") for n in frozen) and "conv_in.weight" in frozen
-    # The training path is SVD's for now: it refuses instead of silently running without checkpointing.
-    with pytest.raises(NotImplementedError, match="post-tuning AnimateDiff is not built yet"):
-        prepare_for_post_tuning(copy.deepcopy(base), 32)
+    prepared = copy.deepcopy(base)
+    assert set(prepare_for_post_tuning(prepared, 32)) == set(trainable)
+    assert prepared.is_gradient_checkpointing and prepared.training
+    # SVD's speed switches would silently do nothing on diffusers' motion modules: refused by name.
+    with pytest.raises(ValueError, match=r"speed switches \['cudnn_autotune'\]"):
+        prepare_for_post_tuning(copy.deepcopy(base), 32, speed=SpeedOptions(cudnn_autotune=True))
 
 
 def test_adapter_round_trip_records_the_family(base, tmp_path):

@@ -17,14 +17,18 @@ class TrainConfig(StageConfig):
     A run is identified by `storage_path` / `name`: re-running the same command resumes it from its latest checkpoint.
     """
 
-    svd_dir: Path = Field(description="local diffusers-format SVD checkpoint (only its unet/ is loaded)")
+    svd_dir: Path = Field(description="local diffusers-format checkpoint, SVD or AnimateDiff (only its unet/ is "
+                                      "loaded, and AnimateDiff's scheduler/, whose noise schedule is the objective's)")
+    family: Literal["svd", "animatediff"] | None = Field(
+        None, description="the checkpoint's family; unset: read from its model_index.json")
     shards: str = Field(description="shard directory, glob ('data/*.tar') or brace pattern ('shard-{000..009}.tar')")
     storage_path: Path = Path("runs/train")
     name: str = "exvideo"
 
     num_frames: int = Field(128, ge=2, description="length of the position tables (the longest video it can make)")
-    base_frames: int = Field(25, ge=3, description="clip length the base model was trained on (SVD: 25); the "
-                                                   "position table keeps these positions and bounces later frames")
+    base_frames: int | None = Field(None, ge=3, description="clip length the base model was trained on (unset: the "
+                                                            "family's, SVD 25, AnimateDiff 16); the position table "
+                                                            "keeps these positions and bounces later frames")
     trainable: Literal["temporal", "all"] = Field(
         "temporal", description="temporal: ExVideo post-tuning; all: train every weight of the plain (unextended) "
                                 "UNet, to train a base model from scratch; checkpoints then hold every UNet tensor")
@@ -35,7 +39,7 @@ class TrainConfig(StageConfig):
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
-    cond_dropout: float = Field(0.0, ge=0, le=1, description="probability of dropping the image conditioning (CFG)")
+    cond_dropout: float = Field(0.0, ge=0, le=1, description="probability of dropping SVD's image conditioning (CFG)")
     ema_decay: float | None = Field(0.9, gt=0, lt=1, description="EMA of trainable weights, updated at checkpoints")
     seed: int = 0
     shuffle_buffer: int = Field(0, ge=0, description="samples held for shuffling within a worker's stream (0: off)")
@@ -53,6 +57,13 @@ class TrainConfig(StageConfig):
     gradient_checkpointing: bool = operational(True)
     speed: SpeedOptions = operational(default_factory=SpeedOptions, description="how the UNet computes (exvideo.speed)")
     zero_optimizer: bool = operational(False, description="shard AdamW state across workers (ZeroRedundancyOptimizer)")
+    # An output field: in bf16 the low modes train bf16 working weights (bf16 gradients, bf16 checkpointed adapter)
+    # where the default mode keeps fp32 trainable weights under autocast; in fp32 all give the same updates.
+    memory: Literal["default", "low", "lowest"] = Field(
+        "default", description="low: AdamW state and fp32 master weights of the trainable tensors in host memory, "
+                               "the GPU holding only their working copies in the run's precision; lowest: also the "
+                               "tensors the forward saves for backward (pipelines/train/offload.py). For 24 GiB "
+                               "cards, at the cost of host copies and a CPU AdamW every step")
 
     # An output field: the EMA weights are updated at checkpoints.
     checkpoint_every: int = Field(100, ge=1)
@@ -69,6 +80,9 @@ class TrainConfig(StageConfig):
     def _check(self) -> "TrainConfig":
         if self.zero_optimizer and self.num_workers < 2:
             raise ValueError("zero_optimizer shards optimizer state across workers; it needs num_workers >= 2")
+        if self.zero_optimizer and self.memory != "default":
+            raise ValueError(f"memory={self.memory} keeps the whole AdamW state in host memory, zero_optimizer shards "
+                             "it across GPUs: choose one (memory=low saves more GPU memory)")
         # Refuses compile_blocks=true with selective checkpointing now rather than in every worker.
         compiles_on(self.speed, "cuda" if self.use_gpu else "cpu",
                     self.gradient_checkpointing and self.speed.checkpointing == "selective")
@@ -78,6 +92,15 @@ class TrainConfig(StageConfig):
         if self.precision == "bf16" and not self.use_gpu:
             raise ValueError("precision bf16 is for GPUs; on CPU use precision=fp32")
         return self
+
+    @property
+    def model_family(self) -> str:
+        """The checkpoint's family: as declared, else read from its model_index.json; a bare UNet folder is SVD's."""
+        from exvideo.motion_models import model_family  # diffusers loads only when a stage needs the family
+
+        if self.family is None and not (self.svd_dir / "model_index.json").is_file():
+            return "svd"
+        return model_family(self.svd_dir, self.family)
 
     @property
     def run_dir(self) -> Path:

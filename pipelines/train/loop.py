@@ -12,6 +12,7 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -23,11 +24,14 @@ from torch import nn
 
 from exvideo import LatentBatch, load_unet, post_tuning_loss, prepare_for_post_tuning
 from exvideo.adapter import write_adapter
+from exvideo.motion_models import load_motion_unet, load_scheduler
+from exvideo.motion_objective import TextLatentBatch, noise_prediction_loss
 from exvideo.ray_setup import node_id
 from exvideo.samples import collate
 from exvideo.speed import speed_context
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import StreamStats, list_shards, rank_stream
+from pipelines.train.offload import HostAdamW, saved_activations
 from pipelines.train.state import EMA, TrainState, checkpoint_metadata, load_checkpoint, save_checkpoint
 
 BEST_ADAPTER = "best_adapter.safetensors"
@@ -38,14 +42,32 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
-def build_unet(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict[str, nn.Parameter]]:
-    """The run's base UNet from disk, prepared for post-tuning."""
-    unet = load_unet(cfg.svd_dir)
-    return unet, prepare_for_post_tuning(unet, cfg.num_frames, cfg.precision, cfg.gradient_checkpointing, device,
-                                         cfg.speed, cfg.base_frames, cfg.trainable)
+Objective = Callable[[nn.Module, LatentBatch | TextLatentBatch, torch.Generator], torch.Tensor]
+
+
+def build_unet(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict[str, nn.Parameter], Objective]:
+    """The run's base UNet from disk, prepared for post-tuning, and its family's training loss."""
+    if cfg.model_family == "animatediff":
+        unet, scheduler = load_motion_unet(cfg.svd_dir), load_scheduler(cfg.svd_dir)
+
+        def objective(model: nn.Module, batch: TextLatentBatch, generator: torch.Generator) -> torch.Tensor:
+            return noise_prediction_loss(model, scheduler, batch, generator)
+    else:
+        unet = load_unet(cfg.svd_dir)
+
+        def objective(model: nn.Module, batch: LatentBatch, generator: torch.Generator) -> torch.Tensor:
+            return post_tuning_loss(model, batch, generator=generator)
+    trainable = prepare_for_post_tuning(unet, cfg.num_frames, cfg.precision, cfg.gradient_checkpointing, device,
+                                        cfg.speed, cfg.base_frames, cfg.trainable)
+    return unet, trainable, objective
 
 
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW over the trainable tensors: its state on their device (sharded across workers with zero_optimizer),
+    or with memory=low or lowest in host memory beside fp32 master weights (pipelines/train/offload.py)."""
+    if cfg.memory != "default":
+        working = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        return HostAdamW(params, working, cfg.lr, cfg.betas, cfg.weight_decay)
     # The fused CUDA kernel updates every tensor in one launch; benchmarks/gpu_bench.py timed steps with it.
     kwargs = {"lr": cfg.lr, "betas": cfg.betas, "weight_decay": cfg.weight_decay, "fused": params[0].is_cuda}
     if cfg.zero_optimizer:
@@ -60,9 +82,14 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + rank * 100_003 + step)
 
 
-def drop_conditioning(batch: LatentBatch, probability: float, generator: torch.Generator) -> LatentBatch:
-    """Zero the image conditioning of some clips, so the model also learns the unconditional branch of CFG."""
-    if probability == 0:
+def drop_conditioning(batch: LatentBatch | TextLatentBatch, probability: float,
+                      generator: torch.Generator) -> LatentBatch | TextLatentBatch:
+    """Zero the image conditioning of some clips, so the model also learns the unconditional branch of CFG.
+
+    AnimateDiff's text conditioning is never dropped (run_training refuses cond_dropout for it): its base
+    already learned the unconditional branch, and its motion modules see the text only through the spatial UNet.
+    """
+    if probability == 0 or isinstance(batch, TextLatentBatch):
         return batch
     keep = (torch.rand(batch.latents.shape[0], generator=generator) >= probability).float().to(batch.latents.device)
     return LatentBatch(batch.latents, batch.cond_latent * keep[:, None, None, None],
@@ -105,7 +132,7 @@ def train_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     print(f"[rank {rank}/{world}] host {socket.gethostname()} pid {os.getpid()} device {device}", flush=True)
 
-    unet, trainable = build_unet(cfg, device)
+    unet, trainable, objective = build_unet(cfg, device)
     ema = EMA(trainable, cfg.ema_decay) if cfg.ema_decay else None
     optimizer = make_optimizer(cfg, list(trainable.values()))
     state = TrainState(mlflow_run_id=loop_config["mlflow_run_id"])
@@ -147,8 +174,9 @@ def train_worker(loop_config: dict) -> None:
             group["lr"] = lr
 
         with speed_context(cfg.speed):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                loss = post_tuning_loss(model, batch, generator=generator)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"), \
+                    saved_activations(cfg.memory, device):
+                loss = objective(model, batch, generator)
             loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.grad_clip or math.inf)
         # Every rank must take the same decision, or DDP replicas drift apart.

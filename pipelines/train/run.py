@@ -102,6 +102,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     shards = list_shards(cfg.shards)  # fail before starting workers if there is nothing to read
     if not (Path(cfg.svd_dir) / "unet" / "config.json").is_file() and not (Path(cfg.svd_dir) / "config.json").is_file():
         raise FileNotFoundError(f"svd_dir {cfg.svd_dir} holds no diffusers UNet (unet/config.json)")
+    if cfg.model_family == "animatediff" and cfg.cond_dropout:
+        raise ValueError(f"cond_dropout {cfg.cond_dropout} drops SVD's image conditioning; AnimateDiff post-tuning "
+                         "keeps every caption (its base already learned the unconditional branch): set it to 0")
     finished = cfg.run_dir / RESULT_FILE
     if finished.is_file():
         previous = TrainResult.load(finished)
