@@ -1,8 +1,12 @@
 """Long-video generation: the ExVideo pipeline, training-free baselines, first frames from text, the batch job.
 
 Public API:
-    load_pipeline, generate_video, GenerationParams   - one video from Python
-    LongVideoPipeline, GeneratedVideo                 - the diffusers pipeline subclass and its result
+    load_pipeline, GenerationParams                   - the pipeline of a checkpoint's family, its parameters
+    generate_video, generate_text_video               - one video from Python: SVD from an image, AnimateDiff
+                                                        from a prompt
+    LongVideoPipeline, TextToVideoPipeline            - the SVD and AnimateDiff diffusers pipeline subclasses
+    GeneratedVideo                                    - their result
+    load_text_to_video                                - the AnimateDiff loader load_pipeline dispatches to
     write_mp4                                         - H.264 mp4 through ffmpeg-python, written atomically
     GenerateJobConfig, run_generate_job               - the Ray Data batch job (`exvideo generate`)
 
@@ -13,8 +17,9 @@ import importlib
 
 _EXPORTS = {
     "GenerateJobConfig": "job", "GeneratedVideo": "pipeline", "GenerationParams": "params",
-    "LongVideoPipeline": "pipeline", "SecondPass": "params", "generate_video": "api", "load_pipeline": "loading",
-    "run_generate_job": "job", "write_mp4": "video_io",
+    "LongVideoPipeline": "pipeline", "SecondPass": "params", "TextToVideoPipeline": "text_to_video",
+    "generate_text_video": "api", "generate_video": "api", "load_pipeline": "loading",
+    "load_text_to_video": "loading", "run_generate_job": "job", "write_mp4": "video_io",
 }
 
 

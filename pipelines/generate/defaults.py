@@ -4,7 +4,8 @@ The released ExVideo checkpoint was trained at fps 30 on latents encoded with an
 decoded with, and the reference compensates at inference by renormalising every frame's latent and scaling all of
 them by 1.2. Adapters trained here use the VAE's own factor throughout, so they need neither; their metadata records
 the fps their training conditioned on. `GenerationParams` fields left unset take these values, and every video's
-record says which applied and why (docs/method.md, section 3).
+record says which applied and why (docs/method.md, section 3). AnimateDiff has no latent post-processing: its
+defaults set only the frame rate.
 """
 
 from __future__ import annotations
@@ -19,17 +20,18 @@ DEFAULT_FPS = 30
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """Values for the `GenerationParams` fields a caller left unset, and why they are these."""
+    """Values for the `GenerationParams` fields a caller left unset, and why they are these (None: the field does
+    not apply to the model, and stays unset)."""
 
     fps: int
-    renormalize: bool
-    contrast: float
+    renormalize: bool | None
+    contrast: float | None
     why: str
 
     def apply(self, params: GenerationParams) -> tuple[GenerationParams, dict]:
         """`params` with its unset fields filled; and a record of what was filled and why."""
         filled = {name: getattr(self, name) for name in ("fps", "renormalize", "contrast")
-                  if getattr(params, name) is None}
+                  if getattr(params, name) is None and getattr(self, name) is not None}
         return params.model_copy(update=filled), {"filled": filled, "why": self.why}
 
 
@@ -39,6 +41,11 @@ REFERENCE_CHECKPOINT = SamplingDefaults(
     "(compensating its training latent scale), and fps 30, which it was trained with")
 BASE_MODEL = SamplingDefaults(
     DEFAULT_FPS, False, 1.0, "no adapter: the base model's latents decoded as they are, at fps 30")
+
+# AnimateDiff has no fps conditioning; 8 fps is the rate its videos are usually shown at (diffusers counts its
+# default 16 frames as 2 seconds).
+ANIMATEDIFF = SamplingDefaults(8, None, None, "AnimateDiff: mp4 at 8 fps, the rate its 16-frame clips are usually "
+                               "shown at; renormalize and contrast are SVD's and do not apply")
 
 
 def defaults_for_adapter(metadata: dict[str, str]) -> SamplingDefaults:

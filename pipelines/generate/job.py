@@ -1,5 +1,9 @@
 """The batch generation job on Ray Data: rows in, one mp4 + first-frame PNG + JSON record per good row out.
 
+The model's family (`family`, else its model_index.json) decides what a row starts from: an SVD model makes each
+video from an image (a prompt row's image comes from the text-to-image pipeline first); an AnimateDiff model makes
+it from the prompt.
+
 One actor per GPU holds the model (one actor on the CPU when there is no GPU). Every output is written under a
 temporary name and renamed, the JSON record last, so a record on disk means the row is done and a rerun skips it.
 A row that cannot be made (bad id or parameter, missing or unreadable image, a failure while generating) goes to
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import PIL.Image
 import ray
 import torch
 from pydantic import Field
@@ -28,8 +33,8 @@ from exvideo.config import StageConfig, operational
 from exvideo.storage import check_writable
 from exvideo.ray_setup import add_count, ensure_ray, format_per_node, node_id
 from pipelines.generate.frames import open_image
-from pipelines.generate.loading import file_sha256, load_pipeline, resolve_device, resolve_dtype
-from pipelines.generate.params import GenerationParams
+from pipelines.generate.loading import checkpoint_family, file_sha256, load_pipeline, resolve_device, resolve_dtype
+from pipelines.generate.params import GenerationParams, check_family
 from pipelines.generate.rows import Request, check_row, read_rows
 from pipelines.generate.text_to_image import first_frame_from_text, load_text_to_image
 from pipelines.generate.video_io import discard_temporary, write_json, write_mp4, write_png, write_text
@@ -44,10 +49,14 @@ class GenerateJobConfig(StageConfig):
 
     input: Path = Path("rows.jsonl")
     output: Path = Path("runs/generate")
+    # A local diffusers checkpoint of either family: SVD (image-to-video) or AnimateDiff (text-to-video).
     model: Path = Path("checkpoints/stable-video-diffusion-img2vid-xt")
+    family: Literal["svd", "animatediff"] | None = Field(
+        None, description="the checkpoint's family; unset: read from its model_index.json (none: SVD)")
     adapter: Path | None = None
     # Without an adapter, exvideo extends the UNet to this many frames with the identity initialisation.
     table_frames: int = Field(128, ge=2)
+    # SVD only: the local diffusers text-to-image pipeline that makes prompt rows' first frames.
     text_to_image: Path | None = None
     text_to_image_steps: int = Field(30, ge=1)
     params: GenerationParams = GenerationParams()
@@ -75,9 +84,10 @@ class VideoMaker:
     def __init__(self, config_json: str, device: str):
         self.cfg = GenerateJobConfig.model_validate_json(config_json)
         cfg = self.cfg
+        self.family = checkpoint_family(cfg.model, cfg.family)
         self.device = resolve_device(device)
         self.pipeline = load_pipeline(cfg.model, cfg.adapter, cfg.params.method, cfg.table_frames,
-                                      str(self.device), cfg.dtype, cfg.speed)
+                                      str(self.device), cfg.dtype, cfg.speed, self.family)
         self.pipeline.set_progress_bar_config(disable=True)
         self.adapter = {"path": str(cfg.adapter), "sha256": file_sha256(cfg.adapter)} if cfg.adapter else None
         self._text_to_image = None
@@ -89,18 +99,26 @@ class VideoMaker:
                                                      resolve_dtype(self.cfg.dtype, self.device))
         return self._text_to_image
 
+    def first_frame(self, request: Request) -> tuple[PIL.Image.Image, dict]:
+        """An SVD row's first frame and its `source` record: the row's image, or one made from its prompt."""
+        if request.image is not None:
+            return open_image(request.image), {"image": request.image}
+        params = request.params
+        image = first_frame_from_text(self.text_to_image(), request.prompt, params.width, params.height,
+                                      self.cfg.text_to_image_steps, params.seed)
+        return image, {"prompt": request.prompt, "text_to_image": str(self.cfg.text_to_image)}
+
     def make(self, request: Request) -> dict:
         """Generate one row's video and write its mp4, PNG and (last) JSON record; return the record."""
         params = request.params
         start = time.perf_counter()
-        if request.image is not None:
-            image, source = open_image(request.image), {"image": request.image}
+        if self.family == "animatediff":
+            source, timings = {"prompt": request.prompt}, {}
+            video = self.pipeline.generate(request.prompt, params)
         else:
-            image = first_frame_from_text(self.text_to_image(), request.prompt, params.width, params.height,
-                                          self.cfg.text_to_image_steps, params.seed)
-            source = {"prompt": request.prompt, "text_to_image": str(self.cfg.text_to_image)}
-        timings = {"first_frame_s": time.perf_counter() - start}
-        video = self.pipeline.generate(image, params)
+            image, source = self.first_frame(request)
+            timings = {"first_frame_s": time.perf_counter() - start}
+            video = self.pipeline.generate(image, params)
         params = video.params  # with the adapter's sampling defaults filled in
         timings.update(video.timings)
         clock = time.perf_counter()
@@ -143,12 +161,12 @@ class VideoMaker:
         return results
 
 
-def _triage(cfg: GenerateJobConfig) -> tuple[list[Request], list[str], list[dict]]:
+def _triage(cfg: GenerateJobConfig, family: str) -> tuple[list[Request], list[str], list[dict]]:
     """Split the listing into rows to make, rows already done (ids) and failures (id, stage, reason)."""
     rows = read_rows(cfg.input)
     pending, done, failures, seen = [], [], [], set()
     for number, row in enumerate(rows, start=1):
-        request = check_row(row, number, cfg.input.parent, cfg.params, cfg.text_to_image is not None)
+        request = check_row(row, number, cfg.input.parent, cfg.params, cfg.text_to_image is not None, family)
         if request.reason is None and request.id in seen:
             request.reason = f"row {number}: duplicate id {request.id!r} (ids name the output files)"
         if request.reason is not None:
@@ -174,21 +192,29 @@ def run_generate_job(cfg: GenerateJobConfig) -> dict:
     start = time.perf_counter()
     # Checked here so a bad path is one clear error, not a crash inside every actor.
     if not cfg.model.is_dir():
-        raise FileNotFoundError(f"model {cfg.model} is not a directory; point it at a local diffusers SVD checkpoint")
+        raise FileNotFoundError(f"model {cfg.model} is not a directory; point it at a local diffusers SVD or "
+                                "AnimateDiff checkpoint")
+    family = checkpoint_family(cfg.model, cfg.family)
+    check_family(cfg.params, family)
+    if family == "animatediff" and cfg.text_to_image is not None:
+        raise ValueError(f"text_to_image makes first frames for SVD, but {cfg.model} is an AnimateDiff checkpoint, "
+                         "which makes videos from prompts directly; leave text_to_image unset")
     if cfg.text_to_image is not None and not (cfg.text_to_image / "model_index.json").is_file():
         raise FileNotFoundError(f"text_to_image {cfg.text_to_image} is not a diffusers pipeline directory")
     if cfg.adapter is not None and not cfg.adapter.is_file():
         raise FileNotFoundError(f"adapter {cfg.adapter} does not exist")
     check_writable(cfg.output / VIDEOS)
     ensure_ray(cfg.ray_address)
-    pending, done, failures = _triage(cfg)
+    pending, done, failures = _triage(cfg, family)
     made, per_node = [], {}
     if pending:
         workers, gpus = _worker_resources(cfg)
         items = [{"id": r.id, "request": json.dumps({**asdict(r), "params": r.params.model_dump(mode="json")})}
                  for r in pending]
+        # The speed options are SVD's (AnimateDiff's pipeline runs as diffusers builds it).
         compiled = [name for name, on in (("the UNet's", compiles_on(cfg.speed, "cuda" if gpus else "cpu")),
-                                          ("the VAE decoder's", cfg.speed.compile_decoder)) if on]
+                                          ("the VAE decoder's", cfg.speed.compile_decoder))
+                    if on and family == "svd"]
         if compiled:
             # The workers' own logs do not reach this console, and the bar would sit still meanwhile.
             print(f"each worker compiles {' and '.join(compiled)} blocks before its first video (about 2 min for "

@@ -1,4 +1,10 @@
-"""Per-video generation parameters: one typed object, the same for the Python API, the CLI and each batch row."""
+"""Per-video generation parameters: one typed object, the same for the Python API, the CLI and each batch row.
+
+One object serves both model families. SVD (image-to-video) and AnimateDiff (text-to-video) share the method
+name `exvideo` and the fields that say what video to make (length, size, steps, fps, seed); every other field is
+read by one family only (`FAMILY_FIELDS`), and `check_family` refuses a method or a set field the model's family
+does not have, so nothing is silently ignored.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,13 @@ from pydantic import Field, model_validator
 
 from exvideo.config import StageConfig
 
-# ExVideo extends the UNet; the three training-free baselines run the unchanged base model.
-Method = Literal["exvideo", "direct", "chain", "windows"]
+# ExVideo extends the UNet (either family); the training-free baselines run the unchanged base model: three for
+# SVD, two for AnimateDiff (pipelines.generate.text_to_video).
+Method = Literal["exvideo", "direct", "chain", "windows", "naive", "freenoise"]
 BASELINES = ("direct", "chain", "windows")
+TEXT_TO_VIDEO_BASELINES = ("naive", "freenoise")
+FAMILY_METHODS = {"svd": ("exvideo", *BASELINES), "animatediff": ("exvideo", *TEXT_TO_VIDEO_BASELINES)}
+FAMILY_NAMES = {"svd": "SVD (image-to-video)", "animatediff": "AnimateDiff (text-to-video)"}
 
 
 class SecondPass(StageConfig):
@@ -28,16 +38,20 @@ class SecondPass(StageConfig):
 class GenerationParams(StageConfig):
     """Everything that decides one video. Defaults are the reference inference settings (docs/method.md, section 3).
 
-    `fps`, `renormalize` and `contrast` left unset take the loaded adapter's sampling defaults
+    Fields are grouped by the family that reads them: both, SVD only, AnimateDiff only (`FAMILY_FIELDS`).
+    `fps`, `renormalize` and `contrast` left unset take the loaded model's sampling defaults
     (`pipelines.generate.defaults`): the reference's for the released checkpoint, what training recorded for ours.
     """
 
+    # Both families.
     method: Method = "exvideo"
     num_frames: int = Field(128, ge=2)
     height: int = Field(512, ge=8, multiple_of=8)
     width: int = Field(512, ge=8, multiple_of=8)
     steps: int = Field(50, ge=1)
-    fps: int | None = Field(None, ge=1, le=240, description="micro-conditioning and mp4 frame rate; unset: the adapter's")
+    fps: int | None = Field(None, ge=1, le=240, description="mp4 frame rate, and SVD's micro-conditioning; unset: "
+                            "the model's sampling default")
+    # SVD only, except seed (both).
     motion_bucket_id: int = Field(127, ge=0, le=255)
     noise_aug_strength: float = Field(0.02, ge=0)
     # Guidance ramps linearly over the frames from min to max; both <= 1 skips the unconditional branch.
@@ -63,6 +77,14 @@ class GenerationParams(StageConfig):
     clip_frames: int = Field(25, ge=2)
     window_stride: int = Field(12, ge=1)
     second_pass: SecondPass | None = None
+    # AnimateDiff only. Classifier-free guidance on the prompt, at AnimateDiff's usual scale (<= 1 skips the
+    # unconditional branch), against `negative_prompt` ("" is the empty prompt).
+    negative_prompt: str = ""
+    guidance_scale: float = Field(7.5, ge=0)
+    # freenoise: frames between the starts of its 16-frame windows (below 16, so windows overlap).
+    freenoise_stride: int = Field(4, ge=1)
+    # The VAE decodes this many frames at a time (it works frame by frame, so chunks only bound memory).
+    decode_chunk_size: int = Field(16, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationParams:
@@ -92,3 +114,37 @@ class GenerationParams(StageConfig):
     def guided(self) -> bool:
         """Whether the unconditional branch runs (diffusers' rule: some frame's scale exceeds 1)."""
         return max(self.min_guidance, self.max_guidance) > 1
+
+
+# Fields one family reads and the other would ignore; the rest (method, num_frames, height, width, steps, fps, seed)
+# both read.
+FAMILY_FIELDS = {
+    "svd": ("motion_bucket_id", "noise_aug_strength", "min_guidance", "max_guidance", "renormalize", "contrast",
+            "frames", "overlap", "decode_window", "decode_stride", "decode_tile", "decode_tile_overlap",
+            "clip_frames", "window_stride", "second_pass"),
+    "animatediff": ("negative_prompt", "guidance_scale", "freenoise_stride", "decode_chunk_size"),
+}
+
+
+def check_family_method(method: Method, family: str) -> None:
+    """Refuse a method a model of `family` does not have, naming the method's family and the model's methods."""
+    if family not in FAMILY_METHODS:
+        raise ValueError(f"unknown model family {family!r}; exvideo serves {sorted(FAMILY_METHODS)}")
+    if method not in FAMILY_METHODS[family]:
+        owner = next(name for name, methods in FAMILY_METHODS.items() if method in methods)
+        raise ValueError(f"method {method!r} is a {FAMILY_NAMES[owner]} method, but the model is "
+                         f"{FAMILY_NAMES[family]}; its methods are {', '.join(FAMILY_METHODS[family])}")
+
+
+def check_family(params: GenerationParams, family: str) -> None:
+    """Refuse a method, or a field set away from its default, that a model of `family` cannot use; name the
+    family each belongs to and what the model's family offers instead."""
+    check_family_method(params.method, family)
+    for other, fields in FAMILY_FIELDS.items():
+        if other == family:
+            continue
+        foreign = [name for name in fields if getattr(params, name)
+                   != GenerationParams.model_fields[name].get_default(call_default_factory=True)]
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)}: {FAMILY_NAMES[other]} parameter(s), but the model is "
+                             f"{FAMILY_NAMES[family]}, which would ignore them; leave them unset")

@@ -25,14 +25,15 @@ from pipelines.generate.defaults import BASE_MODEL, SamplingDefaults
 from pipelines.generate.frames import KnownFrames, frames_pixels
 from pipelines.generate.latents import post_process_latents
 from pipelines.generate.noise import shuffled_window_noise, video_noise
-from pipelines.generate.params import GenerationParams
+from pipelines.generate.params import GenerationParams, check_family
 from pipelines.generate.windows import window_starts
 
 
 @dataclass
 class GeneratedVideo:
-    """One generated video: uint8 frames `[T, H, W, 3]`, the first frame it was conditioned on, the parameters it
-    was made with (unset ones filled from the adapter's sampling defaults), timings, and which defaults applied."""
+    """One generated video: uint8 frames `[T, H, W, 3]`, its first frame (SVD: the image it was conditioned on;
+    AnimateDiff: the first frame made), the parameters it was made with (unset ones filled from the model's sampling
+    defaults), timings, and which defaults applied."""
 
     frames: np.ndarray
     first_frame: PIL.Image.Image
@@ -51,6 +52,19 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return ((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def unet_table_for(method: str, unet: torch.nn.Module) -> int | None:
+    """The length of the UNet's ExVideo position tables (None: not extended), after refusing a UNet the method
+    cannot run: exvideo needs an extended UNet, every baseline the unchanged base."""
+    table = extended_num_frames(unet)
+    if method == "exvideo" and table is None:
+        raise ValueError("method 'exvideo' needs an ExVideo-extended UNet: load the pipeline with "
+                         "load_pipeline(model, adapter=..., method='exvideo')")
+    if method != "exvideo" and table is not None:
+        raise ValueError(f"method {method!r} is a training-free baseline of the base model, but this UNet is "
+                         f"ExVideo-extended; load the pipeline with method={method!r} and no adapter")
+    return table
+
+
 class LongVideoPipeline(StableVideoDiffusionPipeline):
     """SVD image-to-video for long videos: ExVideo (extended UNet) or a training-free baseline (base UNet)."""
 
@@ -66,11 +80,9 @@ class LongVideoPipeline(StableVideoDiffusionPipeline):
 
     def check_method(self, params: GenerationParams) -> None:
         """Refuse a method the loaded UNet cannot run, saying how to load one that can."""
-        table = extended_num_frames(self.unet)
+        check_family(params, "svd")
+        table = unet_table_for(params.method, self.unet)
         if params.method == "exvideo":
-            if table is None:
-                raise ValueError("method 'exvideo' needs an ExVideo-extended UNet: load the pipeline with "
-                                 "load_pipeline(model, adapter=..., method='exvideo')")
             if params.overlap is not None and params.overlap >= table:
                 raise ValueError(f"overlap {params.overlap} must be below the UNet's {table}-frame position table "
                                  "(each window of the continuation is one table long)")
@@ -78,9 +90,6 @@ class LongVideoPipeline(StableVideoDiffusionPipeline):
                 raise ValueError(f"num_frames {params.num_frames} exceeds the UNet's {table}-frame position table; "
                                  f"ask for at most {table} frames, set overlap (e.g. overlap={table // 4}) to continue "
                                  "window after window, or use an adapter trained for more")
-        elif table is not None:
-            raise ValueError(f"method {params.method!r} is a training-free baseline of the base model, but this UNet "
-                             f"is ExVideo-extended; load the pipeline with method={params.method!r} and no adapter")
         elif params.method == "direct" and params.overlap is not None and params.overlap >= params.clip_frames:
             raise ValueError(f"overlap {params.overlap} must be below clip_frames {params.clip_frames}, the length of "
                              "each window of the continuation")

@@ -1,8 +1,10 @@
 """Input rows of a generation job: reading JSONL/CSV/parquet with Ray Data, and checking each row before work.
 
 A row holds `id`, either `image` (a path, relative to the input file's folder) or `prompt`, and optionally any
-`GenerationParams` field, which overrides the job's value for that row. Checking happens on the driver so a bad
-row costs no model time and every one is reported with its reason.
+`GenerationParams` field, which overrides the job's value for that row. For an SVD model a prompt row needs the
+job's text-to-image pipeline to make its first frame; an AnimateDiff model makes videos from prompts directly and
+takes no `image` rows. Checking happens on the driver so a bad row costs no model time and every one is reported
+with its reason.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pyarrow.csv
 import ray
 from pydantic import ValidationError
 
-from pipelines.generate.params import GenerationParams
+from pipelines.generate.params import FAMILY_NAMES, GenerationParams, check_family
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SOURCE_KEYS = ("image", "prompt")
@@ -87,8 +89,9 @@ def frames_mapping(value, base_dir: Path) -> dict[str, str]:
 
 
 def check_row(row: dict, number: int, base_dir: Path, defaults: GenerationParams, has_text_to_image: bool,
-              ) -> Request:
-    """Validate one row; on any problem return a Request whose `reason` names the field and the fix."""
+              family: str = "svd") -> Request:
+    """Validate one row for a model of `family`; on any problem return a Request whose `reason` names the field
+    and the fix."""
     given = {key: _plain(value) for key, value in row.items() if _present(value)}
     row_id = str(given.pop("id", "")).strip()
     if not ID_PATTERN.fullmatch(row_id):
@@ -114,6 +117,15 @@ def check_row(row: dict, number: int, base_dir: Path, defaults: GenerationParams
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
                              for e in exc.errors())
         return Request(row_id, reason=f"row {number}: bad parameter: {problems}")
+    try:
+        check_family(params, family)
+    except ValueError as exc:
+        return Request(row_id, reason=f"row {number}: {exc}")
+    if family == "animatediff":
+        if "image" in sources:
+            return Request(row_id, reason=f"row {number} gives an image, but the model is "
+                                          f"{FAMILY_NAMES[family]}, which starts from a prompt; give a prompt")
+        return Request(row_id, prompt=sources["prompt"], params=params)
     if "prompt" in sources:
         if not has_text_to_image:
             return Request(row_id, reason=f"row {number} gives a prompt but the job has no text_to_image pipeline; "
