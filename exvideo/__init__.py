@@ -7,6 +7,7 @@ Public API:
     post_tuning_loss, LatentBatch                              - the training objective on cached latents
     load_svd, load_unet, write_tiny_svd                        - local diffusers-format SVD checkpoints
     load_animatediff, write_tiny_animatediff, model_family     - the same for AnimateDiff, and telling them apart
+    checkpoint_family                                          - model_family, where a bare folder is SVD's
 
 The ground floor every other package builds on (none of it imports torch):
     exvideo.config      - the strict config base, output vs operational fields, YAML and `key=value` overrides
@@ -22,7 +23,7 @@ import importlib
 _EXPORTS = {
     "exvideo.adapter": ("AdapterMismatchError", "adapter_state_dict", "apply_adapter", "load_adapter", "save_adapter"),
     "exvideo.models": ("SVDComponents", "load_svd", "load_unet", "tiny_svd_components", "write_tiny_svd"),
-    "exvideo.motion_models": ("AnimateDiffComponents", "load_animatediff", "model_family",
+    "exvideo.motion_models": ("AnimateDiffComponents", "checkpoint_family", "load_animatediff", "model_family",
                               "tiny_animatediff_components", "write_tiny_animatediff"),
     "exvideo.objective": ("LatentBatch", "added_time_ids", "edm_preconditioning", "karras_sigmas", "post_tuning_loss"),
     "exvideo.speed_options": ("SpeedOptions",),

@@ -73,6 +73,14 @@ def model_family(path: str | os.PathLike, declared: str | None = None) -> str:
     return detected
 
 
+def checkpoint_family(path: str | os.PathLike, declared: str | None = None) -> str:
+    """`model_family`, where a directory without model_index.json (and no declaration) is SVD's: what the SVD
+    stages always read, a bare `unet/` folder among them."""
+    if declared is None and not (Path(path) / "model_index.json").is_file():
+        return "svd"
+    return model_family(path, declared)
+
+
 def load_animatediff(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                      device: str | torch.device = "cpu") -> AnimateDiffComponents:
     """Load the components of a local AnimateDiff checkpoint directory (frozen, in eval mode, on `device`)."""

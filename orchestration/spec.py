@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
@@ -26,7 +26,9 @@ class WorkflowSpec(StageConfig):
     # Relative paths are taken from the current directory and stored absolute.
     workdir: Path = Field(description="every stage's output lands in <workdir>/<stage>-<key>")
     corpus: str = Field(description="video manifest (.json, .jsonl, .csv, .parquet) or folder of videos")
-    model: Path = Field(description="local diffusers-format SVD checkpoint every stage uses")
+    model: Path = Field(description="local diffusers-format checkpoint (SVD or AnimateDiff) every stage uses")
+    family: Literal["svd", "animatediff"] | None = Field(
+        None, description="the model's family; unset: read from its model_index.json when a stage needs it")
     tracking_uri: str | None = Field(None, description="MLflow store; default: sqlite:///<workdir>/mlflow.db")
     experiment: str = "exvideo-workflow"
     ray_address: str | None = Field(None, description="existing Ray cluster; none starts Ray in this process")
@@ -75,6 +77,13 @@ class WorkflowSpec(StageConfig):
         return [stage.name for stage in STAGES if not stage.optional or getattr(self, stage.name) is not None]
 
     @property
+    def model_family(self) -> str:
+        """The model's family: as declared, else read from the checkpoint's model_index.json (SVD without one)."""
+        from exvideo.motion_models import checkpoint_family
+
+        return checkpoint_family(self.model, self.family)
+
+    @property
     def resolved_tracking_uri(self) -> str:
         return self.tracking_uri or default_tracking_uri(self.workdir)
 
@@ -116,12 +125,30 @@ def check_across_stages(spec: WorkflowSpec, configs: dict[str, StageConfig]) -> 
                         f"{train.num_frames}, the position table of the adapter train makes: lower "
                         "generate.params.num_frames, raise train.num_frames, or set generate.params.overlap to "
                         "continue window after window")
+    problems += _family_problems(spec, train, params)
     reshard = configs.get("reshard")
     if reshard is not None and reshard.require_caption and not _corpus_has_captions(spec.corpus):
         problems.append(f"reshard.require_caption is true but no video of corpus {spec.corpus} has a caption: "
                         "every clip would be filtered out")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def _family_problems(spec: WorkflowSpec, train, params) -> list[str]:
+    """What the model's family cannot do, when the family is known at load (declared, or the checkpoint is there)."""
+    from pipelines.generate.params import check_family
+
+    if spec.family is None and not (spec.model / "model_index.json").is_file():
+        return []  # a checkpoint written later (the demo's): the stages check when they load it
+    family, problems = spec.model_family, []
+    try:
+        check_family(params, family)
+    except ValueError as exc:
+        problems.append(f"generate.params: {exc}")
+    if family == "animatediff" and train.cond_dropout:
+        problems.append(f"train.cond_dropout {train.cond_dropout} drops SVD's image conditioning, but model "
+                        f"{spec.model} is an AnimateDiff checkpoint: set it to 0")
+    return problems
 
 
 def _corpus_has_captions(corpus: str) -> bool:

@@ -82,7 +82,7 @@ def run_preprocess(run: StageRun) -> Outcome:
 
     spec = run.spec
     manifest = preprocess(run.config("preprocess", input=spec.corpus, output=run.folder, model=spec.model,
-                                     ray_address=spec.ray_address))
+                                     family=spec.family, ray_address=spec.ray_address))
     print(format_summary(manifest))
     counts = manifest["counts"]
     if not counts["samples"]:
@@ -107,42 +107,63 @@ def run_train(run: StageRun) -> Outcome:
 
     spec, shards = run.spec, run.shards()
     result = run_training(run.config(
-        "train", svd_dir=spec.model, shards=shards, storage_path=run.folder, name="train",
+        "train", svd_dir=spec.model, family=spec.family, shards=shards, storage_path=run.folder, name="train",
         tracking_uri=spec.resolved_tracking_uri, experiment=spec.experiment, ray_address=spec.ray_address))
     outputs = {"adapter": str(result.adapter), "run_dir": str(result.run_dir), "steps": result.steps,
                "final_loss": result.final_loss}
     return outputs, result.mlflow_run_id, {"lineage.shards": shards}
 
 
-def conditioning_rows(run: StageRun, count: int) -> Path:
-    """Rows that condition generation on the first frame of the first `count` preprocessed corpus videos."""
-    import decord
+def _preprocessed_sources(run: StageRun, count: int) -> list[dict]:
+    """The first `count` corpus sources that became clips: index rows {source, caption}, in corpus order."""
     import pyarrow.parquet as pq
-    from PIL import Image
-
-    from pipelines.generate.video_io import write_png, write_text
-    from preprocessing.manifest import read_sources
 
     shards_dir = Path(run.upstream["preprocess"]["shards"]).parent
-    used = list(dict.fromkeys(pq.read_table(shards_dir / "index.parquet", columns=["source"])["source"].to_pylist()))
+    first_clips: dict[str, dict] = {}
+    for row in pq.read_table(shards_dir / "index.parquet", columns=["source", "caption"]).to_pylist():
+        first_clips.setdefault(row["source"], row)
+    return list(first_clips.values())[:count]
+
+
+def conditioning_rows(run: StageRun, count: int) -> Path:
+    """Rows generating from the first `count` preprocessed corpus videos: their first frame for SVD, their
+    caption for AnimateDiff (a text-to-video model)."""
+    from pipelines.generate.video_io import write_text
+
+    sources = _preprocessed_sources(run, count)
+    if run.spec.model_family == "animatediff":
+        rows = [{"id": f"video{number}", "prompt": row["caption"]} for number, row in enumerate(sources)]
+    else:
+        rows = _first_frame_rows(run, [row["source"] for row in sources])
+    listing = run.folder / "rows.jsonl"
+    write_text(listing, "".join(json.dumps(row) + "\n" for row in rows))
+    return listing
+
+
+def _first_frame_rows(run: StageRun, sources: list[str]) -> list[dict]:
+    import decord
+    from PIL import Image
+
+    from pipelines.generate.video_io import write_png
+    from preprocessing.manifest import read_sources
+
     uris = {row["source"]: row["uri"] for row in read_sources(run.spec.corpus)[0]}
     images = run.folder / "conditioning"
     images.mkdir(parents=True, exist_ok=True)
     rows = []
-    for number, source in enumerate(used[:count]):
+    for number, source in enumerate(sources):
         frame = decord.VideoReader(uris[source])[0].asnumpy()
         write_png(images / f"video{number}.png", Image.fromarray(frame))
         rows.append({"id": f"video{number}", "image": f"conditioning/video{number}.png"})
-    listing = run.folder / "rows.jsonl"
-    write_text(listing, "".join(json.dumps(row) + "\n" for row in rows))
-    return listing
+    return rows
 
 
 def run_generate(run: StageRun) -> Outcome:
     from pipelines.generate import run_generate_job
 
     spec, adapter = run.spec, run.upstream["train"]["adapter"]
-    wired = {"output": run.folder, "model": spec.model, "adapter": adapter, "ray_address": spec.ray_address}
+    wired = {"output": run.folder, "model": spec.model, "family": spec.family, "adapter": adapter,
+             "ray_address": spec.ray_address}
     if "input" not in spec.generate:
         wired["input"] = conditioning_rows(run, spec.runner_value("generate", "conditioning_videos"))
     summary = run_generate_job(run.config("generate", **wired))
@@ -157,7 +178,8 @@ def run_evaluate(run: StageRun) -> Outcome:
     from pipelines.evaluate.run import run_evaluation
 
     spec, videos = run.spec, run.upstream["generate"]["videos"]
-    fields = {"svd_dir": spec.model} if "svd_dir" not in spec.evaluate else {}
+    # CLIP consistency uses SVD's image encoder: an AnimateDiff checkpoint has none (the section may name one).
+    fields = {"svd_dir": spec.model} if "svd_dir" not in spec.evaluate and spec.model_family == "svd" else {}
     outcome = run_evaluation(run.config(
         "evaluate", **fields, videos_dir=[videos], output_dir=run.folder, tracking_uri=spec.resolved_tracking_uri,
         experiment=spec.experiment, parent_run_id=run.parent_run_id))
@@ -170,9 +192,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("preprocess", config="preprocessing.config:PreprocessConfig", entry="preprocessing.run:run_preprocess",
           summary="preprocessing.run:format_summary",
           help="corpus -> WebDataset latent shards on Ray Data (resumable); "
-               "required: input=MANIFEST_OR_FOLDER output=DIR model=SVD_DIR",
+               "required: input=MANIFEST_OR_FOLDER output=DIR model=MODEL_DIR (SVD or AnimateDiff)",
           inputs=("corpus", "model"),
-          wired={"input": PLACEHOLDER, "output": PLACEHOLDER, "model": PLACEHOLDER, "ray_address": None},
+          wired={"input": PLACEHOLDER, "output": PLACEHOLDER, "model": PLACEHOLDER, "family": None,
+                 "ray_address": None},
           outputs=("shards", "samples", "failures"), run=run_preprocess, needs_ray=True, folder="output"),
     Stage("reshard", config="preprocessing.reshard:ReshardConfig", entry="preprocessing.reshard:run_reshard",
           summary="preprocessing.reshard:format_reshard_summary",
@@ -182,16 +205,19 @@ STAGES: tuple[Stage, ...] = (
     Stage("train", config="pipelines.train.config:TrainConfig", entry="pipelines.train:run_training",
           help="post-tune the temporal modules on latent shards (Ray Train)",
           inputs=("model", "reshard|preprocess"),
-          wired={"svd_dir": PLACEHOLDER, "shards": PLACEHOLDER, "storage_path": PLACEHOLDER, "name": "train",
+          wired={"svd_dir": PLACEHOLDER, "family": None, "shards": PLACEHOLDER, "storage_path": PLACEHOLDER,
+                 "name": "train",
                  "tracking_uri": None, "experiment": "workflow", "ray_address": None},
           outputs=("adapter", "run_dir", "steps", "final_loss"), run=run_train, needs_ray=True,
           folder="storage_path"),
     Stage("generate", config="pipelines.generate.job:GenerateJobConfig", entry="pipelines.generate:run_generate_job",
           help="batch-generate long videos from a listing of images or prompts",
           inputs=("model", "preprocess", "train"),
-          wired={"output": PLACEHOLDER, "model": PLACEHOLDER, "adapter": PLACEHOLDER, "ray_address": None},
+          wired={"output": PLACEHOLDER, "model": PLACEHOLDER, "family": None, "adapter": PLACEHOLDER,
+                 "ray_address": None},
           outputs=("videos", "made", "failed"), run=run_generate, needs_ray=True, folder="output",
-          # How many preprocessed corpus videos give their first frame to generate from (without an `input`).
+          # How many preprocessed corpus videos give their first frame (SVD) or caption (AnimateDiff) to generate
+          # from (without an `input`).
           runner_keys={"conditioning_videos": 2}),
     Stage("evaluate", config="pipelines.evaluate.run:EvaluateConfig", entry="pipelines.evaluate.run:run_evaluation",
           help="metrics, an HTML report and MLflow runs for folders of generated videos",

@@ -16,7 +16,7 @@ import ray
 from tqdm import tqdm
 
 from preprocessing.config import PreprocessConfig
-from exvideo.motion_models import model_family
+from exvideo.motion_models import checkpoint_family
 from preprocessing.encode import ENCODERS, ENTRY_COLUMNS, encoder_fingerprint, resolve_device
 from preprocessing.ledger import Failure
 from preprocessing.manifest import read_sources
@@ -72,10 +72,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     StorageError naming the folder and the free space, with nothing partial under a final name. An unset
     `family` is read from the checkpoint first, so the output folder records the family it holds.
     """
-    if cfg.model.is_dir():  # a missing checkpoint is reported with the components preprocessing needs, below
-        cfg = cfg.model_copy(update={"family": model_family(cfg.model, cfg.family)})
-    elif cfg.family is None:
-        cfg = cfg.model_copy(update={"family": "svd"})
+    cfg = cfg.model_copy(update={"family": checkpoint_family(cfg.model, cfg.family)})
     check_writable(cfg.output)
     with storage_errors(cfg.output, "write the run's files in"):
         return _preprocess(cfg)

@@ -28,12 +28,13 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
+from exvideo import checkpoint_family
 from exvideo.speed_options import SpeedOptions, compiles_on
 from exvideo.config import StageConfig, operational
 from exvideo.storage import check_writable
 from exvideo.ray_setup import add_count, ensure_ray, format_per_node, node_id
 from pipelines.generate.frames import open_image
-from pipelines.generate.loading import checkpoint_family, file_sha256, load_pipeline, resolve_device, resolve_dtype
+from pipelines.generate.loading import file_sha256, load_pipeline, resolve_device, resolve_dtype
 from pipelines.generate.params import GenerationParams, check_family
 from pipelines.generate.rows import Request, check_row, read_rows
 from pipelines.generate.text_to_image import first_frame_from_text, load_text_to_image

@@ -11,12 +11,12 @@ import torch
 
 from exvideo import (
     SpeedOptions,
+    checkpoint_family,
     extend_unet,
     extended_num_frames,
     load_adapter,
     load_animatediff,
     load_svd,
-    model_family,
 )
 from pipelines.generate.defaults import BASE_MODEL, defaults_for_adapter
 from pipelines.generate.params import BASELINES, Method, check_family_method
@@ -49,14 +49,6 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def checkpoint_family(model: str | os.PathLike, declared: str | None = None) -> str:
-    """"svd" or "animatediff": as `declared`, else read from the checkpoint's model_index.json; a directory
-    without one (and no declaration) is SVD's, as generation always read it."""
-    if declared is None and not (Path(model) / "model_index.json").is_file():
-        return "svd"
-    return model_family(model, declared)
 
 
 def _check_adapter_file(adapter: str | os.PathLike) -> None:

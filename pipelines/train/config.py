@@ -58,7 +58,9 @@ class TrainConfig(StageConfig):
     speed: SpeedOptions = operational(default_factory=SpeedOptions, description="how the UNet computes (exvideo.speed)")
     zero_optimizer: bool = operational(False, description="shard AdamW state across workers (ZeroRedundancyOptimizer)")
     # An output field: in bf16 the low modes train bf16 working weights (bf16 gradients, bf16 checkpointed adapter)
-    # where the default mode keeps fp32 trainable weights under autocast; in fp32 all give the same updates.
+    # where the default mode keeps fp32 trainable weights under autocast. In fp32 they give AdamW's updates to float32
+    # rounding only: the host's AdamW kernel rounds differently from the GPU's, and Adam's division by the running
+    # gradient size lets such differences grow where gradients are near zero.
     memory: Literal["default", "low", "lowest"] = Field(
         "default", description="low: AdamW state and fp32 master weights of the trainable tensors in host memory, "
                                "the GPU holding only their working copies in the run's precision; lowest: also the "
@@ -96,11 +98,9 @@ class TrainConfig(StageConfig):
     @property
     def model_family(self) -> str:
         """The checkpoint's family: as declared, else read from its model_index.json; a bare UNet folder is SVD's."""
-        from exvideo.motion_models import model_family  # diffusers loads only when a stage needs the family
+        from exvideo.motion_models import checkpoint_family  # diffusers loads only when a stage needs the family
 
-        if self.family is None and not (self.svd_dir / "model_index.json").is_file():
-            return "svd"
-        return model_family(self.svd_dir, self.family)
+        return checkpoint_family(self.svd_dir, self.family)
 
     @property
     def run_dir(self) -> Path:
