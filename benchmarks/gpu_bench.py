@@ -11,7 +11,9 @@ One run measures, with the same weights throughout:
   (c) the plain path (`SpeedOptions.plain()`) as the in-run baseline, and each switch added one at a time;
   (d) with --parts decode, the whole video's windowed VAE decode alone: eager, with cuDNN autotuning, with
       parallel group-norm statistics (speed.parallel_group_norm) and a channels-last decoder, and with compiled blocks
-      (speed.compile_decoder) per --compile-modes and --compile-shapes.
+      (speed.compile_decoder) per --compile-modes and --compile-shapes;
+  (e) with --parts memory, the training step per `TrainConfig.memory` mode (default, low, lowest) on a fresh UNet
+      with the eager speed defaults: time and peak memory (the 24 GiB goal).
 Prints one table per part and writes everything to --json after every measurement, so a run cut short keeps what
 it measured. Model FLOPs are counted once on fake tensors (no recomputation, no guidance duplication counted twice).
 """
@@ -48,8 +50,10 @@ from pipelines.generate.decode import decode_video
 from pipelines.generate.guidance import guidance_ramp, guided_model_output
 from pipelines.generate.params import GenerationParams
 from pipelines.generate.pipeline import LongVideoPipeline
+from pipelines.train.offload import HostAdamW, saved_activations
 
 PLAIN = SpeedOptions.plain()
+MEMORY_MODES = ("default", "low", "lowest")  # TrainConfig.memory, in the order they can run on one UNet
 
 
 def speed_changes(pairs: list[str]) -> dict:
@@ -193,22 +197,33 @@ def build_unet(tiny: bool, device: torch.device) -> UNetSpatioTemporalConditionM
         return UNetSpatioTemporalConditionModel()  # diffusers' defaults are the SVD(-XT) UNet
 
 
-def time_training(unet, trainable, options: SpeedOptions, batch: LatentBatch, args, device) -> dict:
-    """Median step time and peak memory of the training step with `options` switched on `unet`."""
+def step_optimizer(trainable: dict, memory: str, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW as the training loop makes it in `TrainConfig.memory` mode `memory`, with a zero learning rate: it keeps
+    the weights, so every variant's steps see the same model and their first losses and gradient norms must agree to
+    bf16 rounding. Low modes cast the trainable set to its working precision in place."""
+    if memory == "default":
+        return torch.optim.AdamW(trainable.values(), lr=0.0, fused=device.type == "cuda")
+    working = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return HostAdamW(trainable.values(), working, lr=0.0, betas=(0.9, 0.999), weight_decay=0.0)
+
+
+def time_training(unet, trainable, options: SpeedOptions, batch: LatentBatch, args, device,
+                  memory: str = "default") -> dict:
+    """Median step time and peak memory of the training step with `options` switched on `unet`, in
+    `TrainConfig.memory` mode `memory`."""
     enable_checkpointing(unet, options.checkpointing)
     apply_speed(unet, options)
     for param in trainable.values():
         param.grad = None
     reset_memory(device)
     clock, times, first = Clock(device), [], {}
-    # A zero learning rate keeps the weights, so every variant's steps see the same model: their first losses and
-    # gradient norms must agree to bf16 rounding.
-    optimizer = torch.optim.AdamW(trainable.values(), lr=0.0, fused=device.type == "cuda")
+    optimizer = step_optimizer(trainable, memory, device)
     try:
         for step in range(args.warmup + args.steps):
             start = clock.now()
             with speed_context(options):
-                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"), \
+                        saved_activations(memory, device):
                     loss = post_tuning_loss(unet, batch, generator=torch.Generator().manual_seed(step))
                 loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
@@ -306,7 +321,8 @@ class Report:
     """Results so far, rewritten to --json after every measurement."""
 
     def __init__(self, path: str | None, header: dict):
-        self.path, self.data = path, {**header, "train": {}, "unet_step": {}, "video": {}, "decode": {}}
+        self.path = path
+        self.data = {**header, "train": {}, "unet_step": {}, "video": {}, "decode": {}, "memory": {}}
 
     def add(self, part: str, name: str, row: dict) -> None:
         self.data[part][name] = row
@@ -392,6 +408,22 @@ def run_training(report: Report, args, device, flops: dict, peak: float | None, 
     best_name, best = fastest(report.data["train"], lambda options: options.checkpointing != "selective")
     compiled = compiled_variants(best_name, best, args.compile_modes, args.compile_shapes, args.compile_scopes)
     measure_variants(report, "train", compiled, None, measure, flops["train_step"], peak, device)
+
+
+def run_memory_modes(report: Report, args, device, flops: dict, peak: float | None) -> None:
+    """The training step in each `TrainConfig.memory` mode, in order (the low modes cast the trainable set to bf16
+    in place), on a fresh UNet with the eager speed defaults: compiling again per mode would take minutes each."""
+    unet = build_unet(args.tiny, device)
+    options = replace(SpeedOptions(), compile_blocks=False)
+    trainable = prepare_for_post_tuning(unet, args.frames, "bf16" if device.type == "cuda" else "fp32", True, device,
+                                        options)
+    batch = fake_batch(unet, args.frames, args.size // 8, device)
+    for memory in [mode for mode in MEMORY_MODES if mode in args.memory_modes]:
+        try:
+            row = time_training(unet, trainable, options, batch, args, device, memory)
+        except RuntimeError as exc:  # e.g. no page-locked host memory to spare
+            row = {"error": str(exc)[:300]}
+        report.add("memory", memory, {"options": asdict(options), **with_utilisation(row, flops["train_step"], peak)})
 
 
 def run_generation(report: Report, args, device, flops: dict, peak: float | None, started: float) -> None:
@@ -487,9 +519,10 @@ def print_tables(data: dict) -> None:
           f"{data['date']}; measured bf16 peak {data['peak_tflops']} TFLOP/s; model TFLOP per training step "
           f"{flops['train_step']:.1f}, per guided UNet step {flops['guided_unet_step']:.1f}")
     columns = ("step_s", "peak_gib", "model_tflops_per_s", "mfu", "first_call_s")
-    print("\n| training step | median s | peak GiB | model TFLOP/s | of peak |\n|---|---|---|---|---|")
-    for name, row in data["train"].items():
-        print(f"| {name} | " + " | ".join(str(row.get(c, row.get("error", ""))) for c in columns[:4]) + " |")
+    for part, title in (("train", "training step"), ("memory", "training step, TrainConfig.memory (eager)")):
+        print(f"\n| {title} | median s | peak GiB | model TFLOP/s | of peak |\n|---|---|---|---|---|")
+        for name, row in data.get(part, {}).items():
+            print(f"| {name} | " + " | ".join(str(row.get(c, row.get("error", ""))) for c in columns[:4]) + " |")
     print("\n| guided UNet step | median s | peak GiB | model TFLOP/s | of peak | first call s |\n"
           "|---|---|---|---|---|---|")
     for name, row in data["unet_step"].items():
@@ -512,7 +545,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed repetitions per variant")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--video-steps", type=int, default=50, help="sampler steps of the whole-video runs")
-    parser.add_argument("--parts", nargs="+", default=["train", "generate"], choices=["train", "generate", "decode"])
+    parser.add_argument("--parts", nargs="+", default=["train", "generate"],
+                        choices=["train", "generate", "decode", "memory"])
+    parser.add_argument("--memory-modes", nargs="+", default=list(MEMORY_MODES), choices=MEMORY_MODES,
+                        help="TrainConfig.memory modes of --parts memory")
     parser.add_argument("--train-variants", nargs="*", help=f"subset of: {', '.join(TRAIN_VARIANTS)}")
     parser.add_argument("--step-variants", nargs="*", help=f"subset of: {', '.join(STEP_VARIANTS)}")
     parser.add_argument("--videos", nargs="*", default=["plain", "best", "compiled"],
@@ -552,6 +588,8 @@ def main() -> None:
         run_generation(report, args, device, flops, peak, started)
     if "decode" in args.parts:
         run_decode(report, args, device, started)
+    if "memory" in args.parts:
+        run_memory_modes(report, args, device, flops, peak)
     report.data["wall_s"] = round(time.perf_counter() - started, 1)
     report.save()
     print_tables(report.data)

@@ -53,16 +53,18 @@ class TrainState:
 
 
 class EMA:
-    """Exponential moving average of the trainable tensors (fp32, on the training device)."""
+    """Exponential moving average of the trainable tensors, fp32 in host memory: it changes only at checkpoints, so
+    it need not take GPU memory (with memory=low the GPU holds nothing else of the trainable set but its working
+    copies)."""
 
     def __init__(self, params: dict[str, nn.Parameter], decay: float):
         self.decay = decay
-        self.shadow = {name: p.detach().float().clone() for name, p in params.items()}
+        self.shadow = {name: p.detach().to("cpu", torch.float32, copy=True) for name, p in params.items()}
 
     @torch.no_grad()
     def update(self, params: dict[str, nn.Parameter]) -> None:
         for name, p in params.items():
-            self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
+            self.shadow[name].lerp_(p.detach().to("cpu", torch.float32), 1 - self.decay)
 
 
 def checkpoint_metadata(unet: nn.Module, base_model: str, training: dict[str, str]) -> dict[str, str]:
