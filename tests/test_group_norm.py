@@ -189,7 +189,9 @@ def test_a_channels_last_unet_gives_the_same_guided_output_with_channels_last_co
         nchw = guided_model_output(unet, latents, torch.tensor(0.5), cond, ramp, batched=True)
         apply_speed(unet, SpeedOptions(parallel_group_norm=True, unet_channels_last=True))
         nhwc = guided_model_output(unet, latents, torch.tensor(0.5), cond, ramp, batched=True)
-    assert float((nhwc - nchw).norm() / nchw.norm()) < 1e-4
+    # The two layouts' float32 kernels sum in different orders (which ones depends on the CPU's instruction set):
+    # agreement to a few 1e-4 of the output's norm; a wrong layout anywhere would be off by O(1).
+    assert float((nhwc - nchw).norm() / nchw.norm()) < 5e-4
     # Every 2D convolution but the first, whose input is the latents, reads channels-last frames.
     assert len(inputs) > 20 and [name for name, last in inputs.items() if not last] == ["conv_in"]
     apply_speed(unet, SpeedOptions())
