@@ -131,12 +131,20 @@ def test_post_tuning_lowered_the_loss_and_kept_frozen_weights(demo, tiny_animate
     assert fixed_loss(base, scheduler, clips) < before
 
 
-def test_training_refuses_conditioning_dropout(demo, tiny_animatediff_dir, tmp_path):
-    cfg = TrainConfig(svd_dir=tiny_animatediff_dir, shards=str(demo["preprocess"] / "shards"),
-                      storage_path=tmp_path, cond_dropout=0.1)
+def test_training_refuses_dropout_and_shards_of_the_other_family(demo, tiny_animatediff_dir, tiny_svd_dir,
+                                                                  tmp_path):
+    from tests.test_train import write_shards
+
+    runs, ad_shards = tmp_path / "runs", str(demo["preprocess"] / "shards")
+    cfg = TrainConfig(svd_dir=tiny_animatediff_dir, shards=ad_shards, storage_path=runs, cond_dropout=0.1)
     with pytest.raises(ValueError, match="cond_dropout 0.1 drops SVD's image conditioning"):
         run_training(cfg)
-    assert not list(tmp_path.iterdir())  # refused before any run folder or MLflow store was made
+    with pytest.raises(ValueError, match=r"hold animatediff clips .* is a svd checkpoint"):
+        run_training(cfg.model_copy(update={"svd_dir": tiny_svd_dir, "cond_dropout": 0.0}))
+    write_shards(tmp_path / "svd-shards", num_shards=1, per_shard=1)
+    with pytest.raises(ValueError, match=r"hold svd clips .* is a animatediff checkpoint"):
+        run_training(cfg.model_copy(update={"shards": str(tmp_path / "svd-shards"), "cond_dropout": 0.0}))
+    assert not runs.exists()  # refused before any run folder or MLflow store was made
 
 
 def test_the_demo_generates_from_the_preprocessed_captions_and_evaluates(demo):

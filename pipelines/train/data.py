@@ -43,6 +43,18 @@ def list_shards(spec: str) -> list[str]:
     return shards
 
 
+def shards_family(shards: list[str]) -> str | None:
+    """The model family the shards' clips were encoded for, from the first readable sample's record (None when no
+    sample can be read: the workers then report the shards)."""
+    for sample in wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                 handler=wds.ignore_and_continue, empty_check=False):
+        try:
+            return decode_sample(sample).record.model_family
+        except SampleFormatError:
+            continue
+    return None
+
+
 @dataclass
 class StreamStats:
     """What a worker's stream skipped, for the run's metrics."""

@@ -21,7 +21,7 @@ from exvideo.ray_setup import ensure_ray, format_per_node
 from exvideo.storage import check_writable
 from exvideo.tracking import experiment_id_for
 from pipelines.train.config import TrainConfig
-from pipelines.train.data import list_shards
+from pipelines.train.data import list_shards, shards_family
 from pipelines.train.loop import BEST_ADAPTER, REPLICA_FILE, train_worker
 from pipelines.train.state import ADAPTER, EMA_ADAPTER, STATE
 
@@ -102,6 +102,11 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     shards = list_shards(cfg.shards)  # fail before starting workers if there is nothing to read
     if not (Path(cfg.svd_dir) / "unet" / "config.json").is_file() and not (Path(cfg.svd_dir) / "config.json").is_file():
         raise FileNotFoundError(f"svd_dir {cfg.svd_dir} holds no diffusers UNet (unet/config.json)")
+    family = shards_family(shards)
+    if family is not None and family != cfg.model_family:
+        raise ValueError(f"shards {cfg.shards} hold {family} clips (their records' model_family) but svd_dir "
+                         f"{cfg.svd_dir} is a {cfg.model_family} checkpoint: train on shards preprocessed with this "
+                         "checkpoint's family")
     if cfg.model_family == "animatediff" and cfg.cond_dropout:
         raise ValueError(f"cond_dropout {cfg.cond_dropout} drops SVD's image conditioning; AnimateDiff post-tuning "
                          "keeps every caption (its base already learned the unconditional branch): set it to 0")
