@@ -46,6 +46,17 @@ def tiny_unet():
     return copy.deepcopy(_tiny_unet_template())
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for a tiny-model test (a module's: `pytestmark = pytest.mark.usefixtures(...)`): on a
+    shared 2-core machine the second OpenMP thread mostly spins waiting for the first (3-4x the CPU time measured on
+    test_objective and test_unet_extension), and tensors this small gain nothing from it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 _TEMPLATE = {}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import replace
 
 import numpy as np
@@ -76,6 +77,7 @@ def _perturbed_extended(tiny_unet, frames: int = 32):
     return unet.requires_grad_(False).eval()
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_conv_layouts_give_the_same_unet_output(tiny_unet):
     unet = _perturbed_extended(tiny_unet)
     inputs = unet_inputs(30)
@@ -87,6 +89,7 @@ def test_conv_layouts_give_the_same_unet_output(tiny_unet):
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", ["math", "cudnn", "flash"])
 def test_attention_backends_fall_back_and_agree(tiny_unet, name):
     unet = _perturbed_extended(tiny_unet)
@@ -137,6 +140,18 @@ def test_checkpointing_policies_give_the_same_loss_and_gradients(no_checkpointin
     assert float((checkpointed_grads - grads).norm() / grads.norm()) < tolerance
 
 
+def _float64_gradients(options: SpeedOptions, checkpointing: bool) -> torch.Tensor:
+    trainable, _ = float64_backward(options, checkpointing, unet_inputs(6))
+    return torch.cat([param.grad.flatten() for param in trainable.values()])
+
+
+@functools.cache
+def _plain_float64_gradients() -> torch.Tensor:
+    """The plain path's gradients, which every switch is compared with: computed once."""
+    return _float64_gradients(PLAIN, False)
+
+
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("options, checkpointing", [
     (replace(PLAIN, conv_layout="channels_last"), False), (replace(PLAIN, checkpointing="lean"), True),
     (SpeedOptions(), True), (SpeedOptions(checkpointing="selective"), True),
@@ -145,10 +160,7 @@ def test_switches_give_the_same_gradients_in_float64(options, checkpointing):
     """Exact up to float64 rounding: the tiny random model's float32 gradients move by percents with the mere
     summation order (its 1x1 bottom level normalises over a handful of values), which tolerances could not tell
     from a wrong gradient."""
-    gradients = []
-    for switches, checkpointed in ((PLAIN, False), (options, checkpointing)):
-        trainable, _ = float64_backward(switches, checkpointed, unet_inputs(6))
-        gradients.append(torch.cat([param.grad.flatten() for param in trainable.values()]))
+    gradients = [_plain_float64_gradients(), _float64_gradients(options, checkpointing)]
     assert gradients[0].norm() > 0
     assert float((gradients[1] - gradients[0]).norm() / gradients[0].norm()) < 1e-8
 
@@ -196,6 +208,7 @@ def test_selective_policy_keeps_expensive_outputs_and_recomputes_cheap_ones():
     assert min(kept) >= SAVE_MIN_FLOPS_PER_ELEMENT > max(recomputed)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_one_call_and_two_calls_of_guidance_agree(tiny_unet):
     unet = _perturbed_extended(tiny_unet)
     generator = torch.Generator().manual_seed(4)
@@ -209,6 +222,7 @@ def test_one_call_and_two_calls_of_guidance_agree(tiny_unet):
     assert float((separate - batched).norm() / batched.norm()) < 1e-4
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_plain_and_optimised_pipelines_make_the_same_video(tiny_svd_dir):
     image = PIL.Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     params = GenerationParams(num_frames=12, height=64, width=64, steps=2, seed=11)
@@ -376,14 +390,15 @@ def test_memory_prediction_orders_the_checkpointing_policies():
 def test_memory_traffic_splits_the_guided_step_at_the_compiled_blocks():
     count = benchmark("memory_traffic").count
 
-    small, large = (count(frames, size=256)["gb"] for frames in (16, 32))
+    small_row, large_row = (count(frames, size=256) for frames in (16, 32))
+    small, large = small_row["gb"], large_row["gb"]
     # Most memory-bound work sits in the blocks compile_blocks compiles; the rest (padding, mixers, norms of the
     # wrappers) is what compiling larger regions could still fuse. Activations grow with the clip; weights do not.
     assert small["inside blocks, memory-bound"] > 2 * small["outside blocks, memory-bound"] > 0
     assert large["inside blocks, memory-bound"] == pytest.approx(2 * small["inside blocks, memory-bound"], rel=0.02)
     assert 1.5 * small["inside blocks, matrix"] < large["inside blocks, matrix"] < 2 * small["inside blocks, matrix"]
     # The fused floor: at least every matrix kernel's bytes, at most everything.
-    floor = count(16, size=256)["fused_floor_gb"]
+    floor = small_row["fused_floor_gb"]
     assert small["inside blocks, matrix"] + small["outside blocks, matrix"] <= floor < sum(small.values())
 
 
@@ -451,6 +466,7 @@ def test_the_benchmark_times_the_new_switches_and_decodes_the_same_video(tmp_pat
     """gpu_bench.py as a GPU session runs it, on the tiny model: eager step rows, a video whose decode takes its own
     switches, and every eager decode row, each computing what the first row computes."""
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -461,7 +477,8 @@ def test_the_benchmark_times_the_new_switches_and_decodes_the_same_video(tmp_pat
                     "--parts", "generate", "decode", "--steps", "1", "--warmup", "1", "--video-steps", "1",
                     "--step-variants", "+one-key cross-attention", "+parallel group norm, channels-last UNet",
                     "--videos", "best", "--decode-options", "parallel_group_norm=true", "decoder_channels_last=true",
-                    "--skip-compile", "--json", str(out)], cwd=root, check=True, capture_output=True)
+                    "--skip-compile", "--json", str(out)], cwd=root, check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})  # tiny model: see conftest.one_thread
     report = json.loads(out.read_text())
     steps = report["unet_step"]
     assert list(steps) == ["+one-key cross-attention", "+parallel group norm, channels-last UNet"]
