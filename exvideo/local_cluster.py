@@ -78,6 +78,7 @@ class LocalCluster:
         # Ray's socket paths must fit in 107 bytes: a short temp folder, not one under the test's tmp_path.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
         self.nodes: dict[str, Node] = {}
+        self._starts: dict[str, int] = {}  # worker node name -> how many times it was started
 
     @property
     def address(self) -> str:
@@ -100,10 +101,12 @@ class LocalCluster:
     def _ray_start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Node:
         log = self.root / f"node-{name}.log"
         self.root.mkdir(parents=True, exist_ok=True)
-        # Every port explicit: Ray's fixed defaults (the agent's 52365, metrics) clash between nodes on one machine.
-        ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                 f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                 f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+        # The node's own ports bound by the processes that listen on them (0: the system picks a free one as they
+        # bind). `ray start`'s one fixed default, the dashboard agent's 52365, would clash between nodes on one
+        # machine; and a port picked here, free now, can be taken before the agent binds it (by an outgoing
+        # connection's local port: they come from the same range), and a raylet fate-shares with its agents: a
+        # restarted node that registered, then died a second later, left the next test without it.
+        ports = ["--dashboard-agent-listen-port=0"]
         with open(log, "wb") as sink:
             process = subprocess.Popen(
                 [str(Path(sys.executable).parent / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
@@ -129,10 +132,19 @@ class LocalCluster:
     def add_worker(self, name: str) -> None:
         """Start (or restart) the worker node `name` and wait until the cluster counts it."""
         # A temp folder of its own: nodes sharing one would each stream every node's worker logs to the drivers.
+        # A fresh one on every start, as a replacement machine has: a node joins the head's session, so a
+        # restarted node given the lost one's folder would find its logs, and its log monitor would stream the
+        # dead workers' lines to the running drivers again from the start (a training step log of 1, 2, 3, 4
+        # then 1, 2, ... though the restarted ranks resumed from their checkpoint).
+        self._starts[name] = self._starts.get(name, 0) + 1
+        folder = name if self._starts[name] == 1 else f"{name}.{self._starts[name]}"
+        # The node as this start registers it: a lost node still counts alive until the head has missed its health
+        # checks, and a new start gets a new node id.
+        before = set(self.node_ids().get(name, [])) if self._starts[name] > 1 else set()
         self._ray_start(name, [f"--address={self.address}", f"--num-cpus={self.cpus_per_worker}",
-                               f"--temp-dir={self.temp_dir / name}",
+                               f"--temp-dir={self.temp_dir / folder}",
                                f'--resources={{"{node_resource(name)}": 1}}'])
-        self._wait(lambda: name in self.alive_workers(), f"worker node {name}")
+        self._wait(lambda: set(self.node_ids(alive_only=True)[name]) - before, f"worker node {name}")
 
     def kill_worker(self, name: str) -> None:
         """Lose worker node `name` at once: SIGKILL to its raylet, object store and workers (its process group)."""
@@ -187,9 +199,9 @@ class LocalCluster:
                 self.stop()
                 raise RuntimeError(f"{what} did not come up within {self.start_timeout_s:.0f} s "
                                    f"(stopped nodes: {[n.name for n in dead]}):\n{logs}")
-            time.sleep(0.5)
+            time.sleep(0.2)
 
-    def stop(self, grace_s: float = 5) -> None:
+    def stop(self, grace_s: float = 2) -> None:
         """Stop every node through its process group (workers first), then remove the cluster's temp folder.
 
         The nodes share one `grace_s` to exit on SIGTERM; whatever is left then gets SIGKILL. A throwaway cluster

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import mlflow
 import ray.train
 import ray.train.torch
 import torch
@@ -153,6 +152,8 @@ def train_worker(loop_config: dict) -> None:
                          shuffle_buffer=cfg.shuffle_buffer, stats=stats)
     tracking = rank == 0 and bool(state.mlflow_run_id)
     if tracking:
+        import mlflow  # here: only rank 0 logs, the other ranks' processes never import it
+
         mlflow.set_tracking_uri(cfg.resolved_tracking_uri)
     base_model = str(cfg.svd_dir)
     interval_losses: list[float] = []
@@ -258,4 +259,6 @@ def _checkpoint(cfg: TrainConfig, rank: int, unet: nn.Module, trainable: dict, o
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint-{state.step:08d}")
     if tracking:
+        import mlflow
+
         mlflow.log_metric("interval_loss", interval_loss, step=state.step, run_id=state.mlflow_run_id)
