@@ -108,9 +108,14 @@ def worker_environment() -> dict[str, str]:
 
 
 def quiet_worker() -> None:
-    """In a Ray worker process: Ray's libraries show warnings and errors only (logging levels: no imports)."""
+    """In a Ray worker process: Ray's libraries show warnings and errors only (logging levels: no imports).
+
+    So does every logger that defers to the root logger: Ray Train names some of its loggers by file path, outside
+    `ray.train` ("Reporting training result ..." at every report), and sets the root logger to INFO in its workers.
+    """
     for name, level in CONSOLE_LEVELS.items():
         logging.getLogger(name).setLevel(level)
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 def set_up_worker() -> None:

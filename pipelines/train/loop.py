@@ -23,6 +23,7 @@ from torch import nn
 
 from exvideo import LatentBatch, load_unet, post_tuning_loss, prepare_for_post_tuning
 from exvideo.adapter import write_adapter
+from exvideo.console import quiet_worker, verbose
 from exvideo.motion_models import load_motion_unet, load_scheduler
 from exvideo.motion_objective import TextLatentBatch, noise_prediction_loss
 from exvideo.ray_setup import node_id
@@ -126,6 +127,8 @@ def _format_eta(seconds: float) -> str:
 def train_worker(loop_config: dict) -> None:
     """Ray Train entry point. `loop_config`: {"config": the validated TrainConfig, "mlflow_run_id": str}."""
     cfg: TrainConfig = loop_config["config"]
+    if not verbose():
+        quiet_worker()  # again: Ray Train configured this worker's logging when the run started, after our hook
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
