@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+
+# One OpenMP thread in this process and in every process it starts (Ray's nodes and workers, `exvideo` commands),
+# set before torch loads: the tests' tiny models gain nothing from more, and on a 2-core machine the extra threads
+# mostly spin waiting for each other (3-4x the CPU time of an eager tiny-model module; a tiny training step of two
+# 2-CPU workers took 6 s with two threads each, 0.4 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import signal
 import subprocess
 import sys
@@ -44,17 +51,6 @@ def tiny_animatediff_dir(tmp_path_factory) -> Path:
 def tiny_unet():
     """A fresh tiny base UNet (SVD topology) for tests that modify it."""
     return copy.deepcopy(_tiny_unet_template())
-
-
-@pytest.fixture
-def one_thread():
-    """torch on one CPU thread for a tiny-model test (a module's: `pytestmark = pytest.mark.usefixtures(...)`): on a
-    shared 2-core machine the second OpenMP thread mostly spins waiting for the first (3-4x the CPU time measured on
-    test_objective and test_unet_extension), and tensors this small gain nothing from it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 _TEMPLATE = {}

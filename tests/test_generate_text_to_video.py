@@ -10,10 +10,9 @@ import json
 import decord
 import numpy as np
 import pytest
-import torch
 from diffusers.models.attention import BasicTransformerBlock
 
-from exvideo import extend_unet, extended_num_frames, load_animatediff, save_adapter, write_tiny_animatediff
+from exvideo import extend_unet, extended_num_frames, load_animatediff, save_adapter
 from exvideo.motion_unet import motion_modules
 from pipelines.generate import GenerateJobConfig, GenerationParams, generate_text_video, load_pipeline
 from pipelines.generate.job import run_generate_job
@@ -25,19 +24,9 @@ METHODS = ("exvideo", "naive", "freenoise")
 SMALL = {"height": 64, "width": 64, "steps": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's operations are too small to split: on a busy CPU, threads only wait on each other (ten
-    times slower here with two than with one). The Ray job's workers already run one thread each."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return write_tiny_animatediff(tmp_path_factory.mktemp("models") / "tiny-animatediff")
+def model(tiny_animatediff_dir):
+    return tiny_animatediff_dir
 
 
 @pytest.fixture(scope="module")

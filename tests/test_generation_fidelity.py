@@ -18,8 +18,6 @@ from pipelines.generate.defaults import BASE_MODEL, REFERENCE_CHECKPOINT
 from pipelines.generate.rows import check_row
 from pipelines.train.state import TrainState, checkpoint_metadata, save_checkpoint
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
-
 TINY = {"height": 64, "width": 64, "steps": 2}
 
 

@@ -11,8 +11,6 @@ import torch
 from exvideo import LatentBatch, added_time_ids, edm_preconditioning, extend_unet, freeze_for_post_tuning
 from exvideo import karras_sigmas, post_tuning_loss
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
-
 
 def tiny_batch(num_frames=6, seed=0) -> LatentBatch:
     g = torch.Generator().manual_seed(seed)

@@ -18,8 +18,6 @@ from exvideo import SpeedOptions
 from exvideo.one_key_attention import OneKeyCrossAttnProcessor, set_one_key_cross_attention
 from exvideo.speed import apply_speed
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
-
 SHORTCUT_ONLY = replace(SpeedOptions.plain(), one_key_cross_attention=True)
 
 

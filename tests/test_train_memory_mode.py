@@ -16,8 +16,6 @@ from pipelines.train.loop import make_optimizer, weights_fingerprint
 from pipelines.train.offload import MASTER_WEIGHTS, HostAdamW, saved_activations
 from pipelines.train.state import EMA, TrainState, checkpoint_metadata, load_checkpoint, save_checkpoint
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
-
 FRAMES = 8
 
 

@@ -11,8 +11,6 @@ from conftest import REFERENCE, unet_inputs
 from exvideo import cyclic_position_ids, extend_unet, extended_num_frames, load_unet
 from exvideo.unet import ExVideoTransformerSpatioTemporalModel, spatio_temporal_transformers
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
-
 
 def run(unet, num_frames, **kw):
     with torch.no_grad():
