@@ -22,7 +22,7 @@ from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from torch import nn
 
-from exvideo.unet import FramePositionTable, identity_conv3d, reflect_conv3d
+from exvideo.unet import FramePositionTable, identity_conv3d, reflect_conv3d, table_length
 
 # AnimateDiff's motion modules were trained on 16-frame clips.
 MOTION_BASE_FRAMES = 16
@@ -94,12 +94,8 @@ def motion_modules(unet: nn.Module) -> dict[str, AnimateDiffTransformer3D]:
 
 def motion_num_frames(unet: nn.Module) -> int | None:
     """Length of the UNet's ExVideo motion position tables, or None if it has not been extended."""
-    lengths = {m.num_frames for m in motion_modules(unet).values() if isinstance(m, ExVideoAnimateDiffTransformer3D)}
-    if not lengths:
-        return None
-    if len(lengths) > 1:
-        raise ValueError(f"UNet holds motion position tables of different lengths {sorted(lengths)}; it is corrupt")
-    return lengths.pop()
+    return table_length({m.num_frames for m in motion_modules(unet).values()
+                         if isinstance(m, ExVideoAnimateDiffTransformer3D)}, "motion position tables")
 
 
 def _extend_motion_module(module: AnimateDiffTransformer3D, ids: torch.Tensor) -> None:

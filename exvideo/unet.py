@@ -294,13 +294,15 @@ def extended_num_frames(unet: nn.Module) -> int | None:
         from exvideo.motion_unet import motion_num_frames  # it builds on this module
 
         return motion_num_frames(unet)
-    lengths = {m.time_proj.num_frames for m in spatio_temporal_transformers(unet).values()
-               if isinstance(m, ExVideoTransformerSpatioTemporalModel)}
-    if not lengths:
-        return None
+    return table_length({m.time_proj.num_frames for m in spatio_temporal_transformers(unet).values()
+                         if isinstance(m, ExVideoTransformerSpatioTemporalModel)})
+
+
+def table_length(lengths: set[int], what: str = "position tables") -> int | None:
+    """The one length of a UNet's ExVideo tables, None when it has none; several lengths mean a corrupt UNet."""
     if len(lengths) > 1:
-        raise ValueError(f"UNet holds position tables of different lengths {sorted(lengths)}; it is corrupt")
-    return lengths.pop()
+        raise ValueError(f"UNet holds {what} of different lengths {sorted(lengths)}; it is corrupt")
+    return next(iter(lengths), None)
 
 
 def _extend_transformer(transformer: TransformerSpatioTemporalModel, ids: torch.Tensor) -> None:

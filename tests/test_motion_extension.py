@@ -212,3 +212,28 @@ def test_missing_components_and_foreign_checkpoints_are_named(tiny_animatediff_d
         model_family(tmp_path / "other")
     with pytest.raises(FileExistsError, match="already exists"):
         write_tiny_animatediff(tiny_animatediff_dir)
+
+
+def test_the_objective_targets_what_the_schedulers_prediction_type_names(base):
+    from diffusers import DDIMScheduler
+
+    from exvideo.motion_objective import TextLatentBatch, noise_prediction_loss, predict
+
+    unet = extend_unet(copy.deepcopy(base), num_frames=32)
+    g = torch.Generator().manual_seed(3)
+    batch = TextLatentBatch(torch.randn(2, 6, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g))
+    noise, timesteps = torch.randn(batch.latents.shape, generator=g), torch.tensor([100, 900])
+    losses = {}
+    for kind in ("epsilon", "v_prediction"):
+        scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, prediction_type=kind)
+        abar = scheduler.alphas_cumprod[timesteps].reshape(2, 1, 1, 1, 1)
+        noisy = abar.sqrt() * batch.latents + (1 - abar).sqrt() * noise  # the schedule's forward process
+        velocity = abar.sqrt() * noise - (1 - abar).sqrt() * batch.latents
+        with torch.no_grad():
+            output = predict(unet, noisy, timesteps, batch.text_embeds)
+            losses[kind] = noise_prediction_loss(unet, scheduler, batch, timesteps=timesteps, noise=noise)
+        target = noise if kind == "epsilon" else velocity
+        torch.testing.assert_close(losses[kind], torch.nn.functional.mse_loss(output, target), rtol=1e-5, atol=1e-6)
+    assert abs(losses["epsilon"] - losses["v_prediction"]) > 1e-3
+    with pytest.raises(ValueError, match="predicts 'sample'; AnimateDiff post-tuning trains"):
+        noise_prediction_loss(unet, DDIMScheduler(prediction_type="sample"), batch)
