@@ -1,15 +1,15 @@
 """The miniature's models: a tiny SVD VAE trained here on world frames, and SVD checkpoints assembled from parts.
 
 The VAE has no project stage (the real SVD VAE is never trained by this project), so it is trained by a small
-function here: diffusers' `AutoencoderKLTemporalDecoder` of the tiny config, reconstruction MSE plus a small KL
-term on short clips (its decoder is temporal). Its `scaling_factor` is then set to 1 / std of the latents, as
-Stable Diffusion's factor was chosen, so the diffusion model sees unit-variance latents.
+function here: diffusers' `AutoencoderKLTemporalDecoder` (SVD's class) with 4x spatial downsampling (SVD's is 8x:
+at this world's 32 px an 8x latent pixel is as wide as the whole object), reconstruction MSE of the posterior mean
+on short clips (its decoder is temporal) plus a small KL term. Its `scaling_factor` is then set to 1 / std of the
+latents, as Stable Diffusion's factor was chosen, so the diffusion model sees unit-variance latents.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +18,27 @@ from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionM
 from tqdm import tqdm
 
 from exvideo import tiny_svd_components
+from exvideo.models import write_directory_atomically
 
 
-def train_vae(clips: np.ndarray, steps: int, clip_frames: int = 8, batch_clips: int = 2, lr: float = 1e-3,
+def miniature_vae(size: int, seed: int = 0) -> AutoencoderKLTemporalDecoder:
+    """A randomly initialised SVD VAE for `size`-pixel frames: 3 levels of 32 channels (4x downsampling)."""
+    torch.manual_seed(seed)
+    return AutoencoderKLTemporalDecoder(block_out_channels=(32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                                        layers_per_block=1, latent_channels=4, sample_size=size)
+
+
+def train_vae(clips: np.ndarray, steps: int, clip_frames: int = 8, batch_clips: int = 2, lr: float = 2e-3,
               kl_weight: float = 1e-4, seed: int = 0) -> AutoencoderKLTemporalDecoder:
-    """Train the tiny SVD VAE on uint8 videos [N, T, H, W, 3]; return it in eval mode with its scaling factor set."""
+    """Train the miniature VAE on uint8 videos [N, T, H, W, 3]; return it in eval mode with its scaling factor set.
+
+    The decoder learns from the posterior mean, not a sample: the encoder starts with a unit posterior spread, and
+    decoding samples of it blurs the object away for most of a CPU budget (the diffusion model adds its own noise
+    to the latents, so nothing downstream needs the sampled path).
+    """
     if clips.shape[1] < clip_frames:
         raise ValueError(f"VAE clips need at least clip_frames={clip_frames} frames, got {clips.shape[1]}")
-    vae = tiny_svd_components(seed).vae.train()
+    vae = miniature_vae(clips.shape[2], seed).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     rng = np.random.default_rng(seed)
@@ -37,7 +50,7 @@ def train_vae(clips: np.ndarray, steps: int, clip_frames: int = 8, batch_clips: 
         batch = torch.stack([pixels[i, s:s + clip_frames] for i, s in zip(picks, starts)])
         x = batch.flatten(0, 1).float() / 127.5 - 1
         posterior = vae.encode(x).latent_dist
-        reconstruction = vae.decode(posterior.sample(), num_frames=clip_frames).sample
+        reconstruction = vae.decode(posterior.mode(), num_frames=clip_frames).sample
         mse = torch.nn.functional.mse_loss(reconstruction, x)
         loss = mse + kl_weight * posterior.kl().mean() / x[0].numel()
         optimizer.zero_grad(set_to_none=True)
@@ -53,15 +66,6 @@ def train_vae(clips: np.ndarray, steps: int, clip_frames: int = 8, batch_clips: 
     return vae
 
 
-def reconstruction_psnr(vae: AutoencoderKLTemporalDecoder, clip: np.ndarray) -> float:
-    """PSNR (dB) of the VAE's reconstruction of one uint8 clip [T, H, W, 3] (posterior mean, temporal decode)."""
-    x = torch.from_numpy(clip).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        out = vae.decode(vae.encode(x).latent_dist.mean, num_frames=len(clip)).sample.clamp(-1, 1)
-    mse = torch.mean(((out - x) / 2) ** 2).item()
-    return float(10 * np.log10(1 / max(mse, 1e-10)))
-
-
 def write_svd(path: str | os.PathLike, vae: AutoencoderKLTemporalDecoder,
               unet: UNetSpatioTemporalConditionModel | None = None, seed: int = 0) -> Path:
     """Write a diffusers-format SVD checkpoint (what `exvideo.load_svd` reads) from the trained VAE and a UNet.
@@ -70,14 +74,8 @@ def write_svd(path: str | os.PathLike, vae: AutoencoderKLTemporalDecoder,
     it only gives the UNet's cross-attention a fixed projection of frame 0). Without `unet`, the tiny SVD's random
     UNet of `seed` is written: the starting point of base training. Written under a temporary name, then renamed.
     """
-    path = Path(path)
     components = tiny_svd_components(seed)
     components.vae = vae
     if unet is not None:
         components.unet = unet
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    components.pipeline().save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return path
+    return write_directory_atomically(path, True, components.pipeline().save_pretrained)

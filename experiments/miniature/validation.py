@@ -6,6 +6,7 @@ denoises the held-out long clips better, and nothing else.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,17 +26,19 @@ def validation_levels(count: int = DEFAULT_LEVELS) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(unet: nn.Module, clips: list[LatentClip], seed: int = 0, levels: int = DEFAULT_LEVELS) -> float:
-    """Mean `post_tuning_loss` over held-out clips x noise levels, with noise drawn from (seed, clip, level)."""
+def validation_losses(unet: nn.Module, clips: list[LatentClip], seed: int = 0,
+                      levels: int = DEFAULT_LEVELS) -> np.ndarray:
+    """`post_tuning_loss` of each held-out clip [clips], averaged over `levels` noise levels, with noise drawn from
+    (seed, clip, level): the same for every model given the same clips."""
     if not clips:
-        raise ValueError("validation_loss needs at least one held-out clip")
+        raise ValueError("validation_losses needs at least one held-out clip")
     unet.eval()
-    total = 0.0
     sigmas = validation_levels(levels)
+    losses = np.zeros(len(clips))
     for index, clip in enumerate(clips):
         batch: LatentBatch = collate([clip])
         for level, sigma in enumerate(sigmas):
             generator = torch.Generator().manual_seed(seed * 1_000_003 + index * 1009 + level)
             noise = torch.randn(batch.latents.shape, generator=generator)
-            total += post_tuning_loss(unet, batch, sigma=sigma.reshape(1), noise=noise).item()
-    return total / (len(clips) * len(sigmas))
+            losses[index] += post_tuning_loss(unet, batch, sigma=sigma.reshape(1), noise=noise).item() / len(sigmas)
+    return losses

@@ -1,8 +1,9 @@
 """A synthetic world whose correct continuation of any first frame is known.
 
-Each video shows one saturated disc or square over a static, low-saturation textured background. The object moves
-at a constant speed and bounces off the walls; its colour fixes its initial direction (the world's law), so frame 0
-alone determines every later frame. Everything is a pure function of the video's seed.
+Each video shows one saturated disc or square over a plain, static, grey-ish background (its tint drawn per video).
+The object moves at a constant speed and bounces off the walls; its colour fixes its initial direction (the world's
+law), so frame 0 alone determines every later frame, while a single later frame does not (after a bounce the
+direction no longer follows the colour). Everything is a pure function of the video's seed.
 """
 
 from __future__ import annotations
@@ -50,7 +51,12 @@ class WorldVideo:
                          for t in range(num_frames)], dtype=np.float32)
 
 
-def sample_video(seed: int, size: int = 64, radius: int = 7, speed: float = 2.0) -> WorldVideo:
+# The world's defaults: a 32 px frame, an object of radius 4 px moving 1.5 px per frame, so that it crosses the free
+# span (24 px) in 16 frames and bounces within the first 32 frames of every video.
+SIZE, RADIUS, SPEED = 32, 4, 1.5
+
+
+def sample_video(seed: int, size: int = SIZE, radius: int = RADIUS, speed: float = SPEED) -> WorldVideo:
     """The world video of `seed`: colour, shape and start position drawn from it."""
     rng = np.random.default_rng(seed)
     start = rng.uniform(radius, size - radius, size=2)
@@ -59,16 +65,10 @@ def sample_video(seed: int, size: int = 64, radius: int = 7, speed: float = 2.0)
 
 
 def background(video: WorldVideo) -> np.ndarray:
-    """A static float [H, W, 3] texture: a few gratings around mid grey with a faint tint, drawn from the seed."""
+    """The static float [H, W, 3] background: mid grey with a faint tint drawn from the seed."""
     rng = np.random.default_rng(video.seed + 1_000_003)
-    y, x = np.mgrid[0:video.size, 0:video.size].astype(np.float32) / video.size
-    texture = np.zeros_like(x)
-    for _ in range(3):
-        angle, cycles, phase = rng.uniform(0, np.pi), rng.uniform(1, 4), rng.uniform(0, 2 * np.pi)
-        texture += np.sin(2 * np.pi * cycles * (x * np.cos(angle) + y * np.sin(angle)) + phase)
-    grey = 130 + 12 * texture
-    tint = rng.uniform(-12, 12, size=3)
-    return np.clip(grey[..., None] + tint, 0, 255)
+    tint = np.clip(130 + rng.uniform(-12, 12, size=3), 0, 255).astype(np.float32)
+    return np.broadcast_to(tint, (video.size, video.size, 3)).copy()
 
 
 def render(video: WorldVideo, num_frames: int) -> np.ndarray:
@@ -87,7 +87,7 @@ def render(video: WorldVideo, num_frames: int) -> np.ndarray:
     return frames
 
 
-def write_world_corpus(root: str | os.PathLike, seeds: list[int], num_frames: int, fps: int, size: int = 64,
+def write_world_corpus(root: str | os.PathLike, seeds: list[int], num_frames: int, fps: int, size: int = SIZE,
                        ) -> Path:
     """Write one mp4 per seed under `root/videos` and the corpus manifest `root/metadata.json`; return it."""
     root = Path(root)
@@ -104,23 +104,20 @@ def write_world_corpus(root: str | os.PathLike, seeds: list[int], num_frames: in
     return manifest
 
 
-def write_first_frames(folder: str | os.PathLike, seeds: list[int], size: int = 64) -> Path:
-    """Held-out conditioning images, a generation listing `rows.jsonl` (id, image, seed) and the truth of each
-    row `world.json` (id -> WorldVideo fields) in `folder`; return the listing."""
+def write_first_frames(folder: str | os.PathLike, seeds: list[int], size: int = SIZE) -> dict[str, str]:
+    """Held-out conditioning images and the truth of each (`world.json`: id -> WorldVideo fields) in `folder`;
+    return id -> image file name (relative to `folder`, as a generation listing there names it)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rows, truth = [], {}
-    for number, seed in enumerate(seeds):
+    images, truth = {}, {}
+    for seed in seeds:
         video = sample_video(seed, size)
         row_id = f"world_{seed:06d}"
         PIL.Image.fromarray(render(video, 1)[0]).save(folder / f"{row_id}.png")
-        # The sampling seed is the row's number: every method gets the same noise for the same first frame.
-        rows.append({"id": row_id, "image": f"{row_id}.png", "seed": number})
+        images[row_id] = f"{row_id}.png"
         truth[row_id] = asdict(video)
     (folder / "world.json").write_text(json.dumps(truth, indent=1))
-    listing = folder / "rows.jsonl"
-    listing.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return listing
+    return images
 
 
 def read_truth(folder: str | os.PathLike) -> dict[str, WorldVideo]:

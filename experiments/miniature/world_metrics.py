@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from experiments.miniature.statistics import nanmean
 from experiments.miniature.world import WorldVideo, background, render
 
 BACKGROUND_MARGIN = 60.0  # RGB distance; palette colours are >= 150 away from the background
@@ -32,6 +33,25 @@ def locate(frames: np.ndarray, video: WorldVideo) -> tuple[np.ndarray, np.ndarra
     return np.stack([cx, cy], axis=1), area
 
 
+def frame_scores(frames: np.ndarray, video: WorldVideo) -> dict[str, np.ndarray]:
+    """Per frame of a generated video [T, H, W, 3] against the world's truth for its first frame: `present`
+    (bool), `position_error_px` (distance of the found object to its true centre, NaN where absent),
+    `psnr_to_truth` (dB) and `colour_shift` (mean absolute difference of the frame's mean colour, RGB levels)."""
+    if frames.shape[1:3] != (video.size, video.size):
+        raise ValueError(f"frames are {frames.shape[1:3]} but the world video is {video.size}x{video.size}")
+    truth = render(video, len(frames))
+    true_area = locate(truth[:1], video)[1][0]
+    centres, area = locate(frames, video)
+    present = area >= MIN_AREA_FRACTION * true_area
+    error = np.linalg.norm(centres - video.positions(len(frames)), axis=1)
+    error[~present] = np.nan
+    pixels, expected = frames.astype(np.float32), truth.astype(np.float32)
+    mse = (((pixels - expected) / 255) ** 2).mean(axis=(1, 2, 3))
+    shift = np.abs(pixels.mean(axis=(1, 2)) - expected.mean(axis=(1, 2))).mean(axis=1)
+    return {"present": present, "position_error_px": error, "psnr_to_truth": 10 * np.log10(1 / np.maximum(mse, 1e-10)),
+            "colour_shift": shift}
+
+
 def world_metrics(frames: np.ndarray, video: WorldVideo) -> dict[str, float]:
     """Scores of a generated video [T, H, W, 3] against the world's truth for its first frame.
 
@@ -40,24 +60,12 @@ def world_metrics(frames: np.ndarray, video: WorldVideo) -> dict[str, float]:
     object is present; survives: 1 if it is present (so with its colour kept) in the last frame; psnr_to_truth:
     PSNR (dB) of the generated frames against the true frames, and .last over the last quarter.
     """
-    if frames.shape[1:3] != (video.size, video.size):
-        raise ValueError(f"frames are {frames.shape[1:3]} but the world video is {video.size}x{video.size}")
-    num_frames = len(frames)
-    truth = render(video, num_frames)
-    true_area = locate(truth[:1], video)[1][0]
-    centres, area = locate(frames, video)
-    present = area >= MIN_AREA_FRACTION * true_area
-    error = np.linalg.norm(centres - video.positions(num_frames), axis=1)
-    error[~present] = np.nan
-    last = slice(num_frames - max(num_frames // 4, 1), num_frames)
-    mse = (((frames.astype(np.float32) - truth.astype(np.float32)) / 255) ** 2).mean(axis=(1, 2, 3))
-    psnr = 10 * np.log10(1 / np.maximum(mse, 1e-10))
-
-    def nanmean(values: np.ndarray) -> float:
-        return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    scores = frame_scores(frames, video)
+    present, error, psnr = scores["present"], scores["position_error_px"], scores["psnr_to_truth"]
+    last = slice(len(frames) - max(len(frames) // 4, 1), len(frames))
 
     return {
-        "position_error_px": nanmean(error), "position_error_px.last": nanmean(error[last]),
+        "position_error_px": float(nanmean(error)), "position_error_px.last": float(nanmean(error[last])),
         "present_fraction": float(present.mean()), "survives": float(present[-1]),
         "psnr_to_truth": float(psnr.mean()), "psnr_to_truth.last": float(psnr[last].mean()),
     }
