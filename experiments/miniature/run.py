@@ -64,7 +64,7 @@ class MiniatureConfig(StageConfig):
     base_steps: int = Field(1500, ge=1)
     base_batch: int = Field(4, ge=1)
     base_lr: float = Field(5e-4, gt=0)
-    post_steps: int = Field(400, ge=1)
+    post_steps: int = Field(1000, ge=1)
     post_batch: int = Field(1, ge=1)
     post_lr: float = Field(2e-4, gt=0)
     val_levels: int = Field(8, ge=1, description="noise levels of the validation loss")
