@@ -29,7 +29,7 @@ def miniature_vae(size: int, seed: int = 0) -> AutoencoderKLTemporalDecoder:
 
 
 def train_vae(clips: np.ndarray, steps: int, clip_frames: int = 8, batch_clips: int = 2, lr: float = 2e-3,
-              kl_weight: float = 1e-4, seed: int = 0) -> AutoencoderKLTemporalDecoder:
+              kl_weight: float = 1e-4, seed: int = 0, device: str = "cpu") -> AutoencoderKLTemporalDecoder:
     """Train the miniature VAE on uint8 videos [N, T, H, W, 3]; return it in eval mode with its scaling factor set.
 
     The decoder learns from the posterior mean, not a sample: the encoder starts with a unit posterior spread, and
@@ -38,7 +38,7 @@ def train_vae(clips: np.ndarray, steps: int, clip_frames: int = 8, batch_clips: 
     """
     if clips.shape[1] < clip_frames:
         raise ValueError(f"VAE clips need at least clip_frames={clip_frames} frames, got {clips.shape[1]}")
-    vae = miniature_vae(clips.shape[2], seed).train()
+    vae = miniature_vae(clips.shape[2], seed).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     rng = np.random.default_rng(seed)
@@ -48,7 +48,7 @@ def train_vae(clips: np.ndarray, steps: int, clip_frames: int = 8, batch_clips: 
         picks = rng.integers(len(clips), size=batch_clips)
         starts = rng.integers(clips.shape[1] - clip_frames + 1, size=batch_clips)
         batch = torch.stack([pixels[i, s:s + clip_frames] for i, s in zip(picks, starts)])
-        x = batch.flatten(0, 1).float() / 127.5 - 1
+        x = batch.flatten(0, 1).to(device).float() / 127.5 - 1
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.mode(), num_frames=clip_frames).sample
         mse = torch.nn.functional.mse_loss(reconstruction, x)
@@ -60,10 +60,10 @@ def train_vae(clips: np.ndarray, steps: int, clip_frames: int = 8, batch_clips: 
         progress.set_postfix(mse=f"{mse.item():.4f}")
     vae.eval()
     with torch.no_grad():
-        sample = pixels[: min(len(clips), 32), 0].float() / 127.5 - 1
+        sample = pixels[: min(len(clips), 32), 0].to(device).float() / 127.5 - 1
         std = vae.encode(sample).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
-    return vae
+    return vae.cpu()
 
 
 def write_svd(path: str | os.PathLike, vae: AutoencoderKLTemporalDecoder,

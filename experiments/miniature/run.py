@@ -143,7 +143,8 @@ def make_world(cfg: MiniatureConfig, work: Path) -> dict:
 
 def make_vae(cfg: MiniatureConfig, init_dir: Path) -> dict:
     clips = np.stack([render(sample_video(s, cfg.size), cfg.long_frames) for s in cfg.train_seeds])
-    vae = train_vae(clips, cfg.vae_steps, clip_frames=cfg.base_frames, lr=cfg.vae_lr, seed=cfg.seed)
+    vae = train_vae(clips, cfg.vae_steps, clip_frames=cfg.base_frames, lr=cfg.vae_lr, seed=cfg.seed,
+                    device=_device(cfg))
     init_dir.parent.mkdir(parents=True, exist_ok=True)
     write_svd(init_dir, vae, seed=cfg.seed)
     return {"checkpoint": str(init_dir)}
@@ -157,7 +158,7 @@ def vae_round_trip(cfg: MiniatureConfig, vae, video: WorldVideo, path: Path) -> 
     from pipelines.generate.pipeline import to_uint8
     from pipelines.generate.video_io import write_mp4
 
-    x = torch.from_numpy(render(video, cfg.long_frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = torch.from_numpy(render(video, cfg.long_frames)).permute(0, 3, 1, 2).to(vae.device).float() / 127.5 - 1
     with torch.no_grad():
         latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
     pixels = decode_video(vae, latents[None], window=cfg.base_frames, stride=cfg.base_frames // 2)[0]
@@ -167,7 +168,7 @@ def vae_round_trip(cfg: MiniatureConfig, vae, video: WorldVideo, path: Path) -> 
 
 def vae_ceiling(cfg: MiniatureConfig, work: Path, init_dir: Path) -> dict:
     """Per held-out video: world metrics and per-frame colour shift of the truth through the VAE."""
-    vae = load_svd(init_dir).vae
+    vae = load_svd(init_dir).vae.to(_device(cfg))
     truth = read_truth(work / "world" / "first_frames")
     rows = {}
     for row_id, video in truth.items():
@@ -242,14 +243,17 @@ def validation(cfg: MiniatureConfig, base_dir: Path, shards: dict, adapters: lis
     """Per held-out clip, the long-clip validation loss of the base, its identity extension and each replicate's
     post-tuned model (same clips, noise levels and noise for all)."""
     clips = heldout_clips(shards["heldout"])
+
+    def losses_of(unet) -> list[float]:
+        return validation_losses(unet.to(_device(cfg)), clips, cfg.seed, cfg.val_levels).tolist()
+
     base, extended = load_unet(base_dir), extend_unet(load_unet(base_dir), cfg.long_frames, cfg.base_frames)
-    losses = {VALIDATION_MODELS[0]: [validation_losses(base, clips, cfg.seed, cfg.val_levels).tolist()],
-              VALIDATION_MODELS[1]: [validation_losses(extended, clips, cfg.seed, cfg.val_levels).tolist()],
+    losses = {VALIDATION_MODELS[0]: [losses_of(base)], VALIDATION_MODELS[1]: [losses_of(extended)],
               VALIDATION_MODELS[2]: []}
     for adapter in adapters:
         tuned = load_unet(base_dir)
         load_adapter(tuned, adapter)
-        losses[VALIDATION_MODELS[2]].append(validation_losses(tuned, clips, cfg.seed, cfg.val_levels).tolist())
+        losses[VALIDATION_MODELS[2]].append(losses_of(tuned))
     # Stored [videos, replicates], as every score table; the base's losses have one column (no seed varies them).
     return {"clips": len(clips), "losses": {name: np.array(columns).T.tolist() for name, columns in losses.items()}}
 

@@ -29,16 +29,19 @@ def validation_levels(count: int = DEFAULT_LEVELS) -> torch.Tensor:
 def validation_losses(unet: nn.Module, clips: list[LatentClip], seed: int = 0,
                       levels: int = DEFAULT_LEVELS) -> np.ndarray:
     """`post_tuning_loss` of each held-out clip [clips], averaged over `levels` noise levels, with noise drawn from
-    (seed, clip, level): the same for every model given the same clips."""
+    (seed, clip, level): the same for every model given the same clips. Runs on the UNet's device."""
     if not clips:
         raise ValueError("validation_losses needs at least one held-out clip")
     unet.eval()
+    device = next(unet.parameters()).device
     sigmas = validation_levels(levels)
     losses = np.zeros(len(clips))
     for index, clip in enumerate(clips):
-        batch: LatentBatch = collate([clip])
+        batch: LatentBatch = collate([clip]).to(device)
         for level, sigma in enumerate(sigmas):
+            # Noise drawn on the CPU: the same numbers whatever device scores the model.
             generator = torch.Generator().manual_seed(seed * 1_000_003 + index * 1009 + level)
-            noise = torch.randn(batch.latents.shape, generator=generator)
-            losses[index] += post_tuning_loss(unet, batch, sigma=sigma.reshape(1), noise=noise).item() / len(sigmas)
+            noise = torch.randn(batch.latents.shape, generator=generator).to(device)
+            losses[index] += post_tuning_loss(unet, batch, sigma=sigma.reshape(1).to(device),
+                                              noise=noise).item() / len(sigmas)
     return losses
