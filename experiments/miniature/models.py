@@ -30,7 +30,8 @@ def miniature_vae(size: int, seed: int = 0) -> AutoencoderKLTemporalDecoder:
 
 def train_vae(clips: np.ndarray, steps: int, clip_frames: int = 8, batch_clips: int = 2, lr: float = 2e-3,
               kl_weight: float = 1e-4, seed: int = 0, device: str = "cpu") -> AutoencoderKLTemporalDecoder:
-    """Train the miniature VAE on uint8 videos [N, T, H, W, 3]; return it in eval mode with its scaling factor set.
+    """Train the miniature VAE on uint8 videos [N, T, H, W, 3] on `device`; return it on the CPU in eval mode with
+    its scaling factor set.
 
     The decoder learns from the posterior mean, not a sample: the encoder starts with a unit posterior spread, and
     decoding samples of it blurs the object away for most of a CPU budget (the diffusion model adds its own noise

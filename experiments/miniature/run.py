@@ -35,7 +35,7 @@ from experiments.miniature.statistics import nanmean
 from experiments.miniature.validation import validation_losses
 from experiments.miniature.world import (
     SIZE, WorldVideo, read_truth, render, sample_video, write_first_frames, write_world_corpus)
-from experiments.miniature.world_metrics import frame_scores, world_metrics
+from experiments.miniature.world_metrics import frame_scores, summarise
 
 METHODS = ("exvideo", "direct", "chain", "windows")
 BASELINES = METHODS[1:]
@@ -174,7 +174,7 @@ def vae_ceiling(cfg: MiniatureConfig, work: Path, init_dir: Path) -> dict:
     for row_id, video in truth.items():
         frames = vae_round_trip(cfg, vae, video, work / "ceilings" / "vae" / f"{row_id}.mp4")
         scores = frame_scores(frames, video)
-        rows[row_id] = {**world_metrics(frames, video), "colour_shift": scores["colour_shift"].tolist(),
+        rows[row_id] = {**summarise(scores), "colour_shift": scores["colour_shift"].tolist(),
                         "psnr_by_frame": scores["psnr_to_truth"].tolist()}
     return {"videos": rows}
 
@@ -309,9 +309,8 @@ def score_videos(cfg: MiniatureConfig, work: Path, label: str) -> dict:
     for row_id, video in truth.items():
         cells = []
         for r in range(cfg.replicates):
-            frames = read_frames(video_path(work, label, r, row_id))
-            cells.append(world_metrics(frames, video))
-            scores = frame_scores(frames, video)
+            scores = frame_scores(read_frames(video_path(work, label, r, row_id)), video)
+            cells.append(summarise(scores))
             present.append(scores["present"].astype(float))
             error.append(scores["position_error_px"])
         for key in cells[0]:

@@ -53,17 +53,20 @@ def frame_scores(frames: np.ndarray, video: WorldVideo) -> dict[str, np.ndarray]
 
 
 def world_metrics(frames: np.ndarray, video: WorldVideo) -> dict[str, float]:
-    """Scores of a generated video [T, H, W, 3] against the world's truth for its first frame.
+    """Scores of a generated video [T, H, W, 3] against the world's truth for its first frame (see `summarise`)."""
+    return summarise(frame_scores(frames, video))
+
+
+def summarise(scores: dict[str, np.ndarray]) -> dict[str, float]:
+    """One video's scores from its `frame_scores`.
 
     position_error_px: mean distance of the found object to its true centre, over frames where it is present
     (NaN if never); .last: the same over the last quarter of the frames; present_fraction: frames where the
     object is present; survives: 1 if it is present (so with its colour kept) in the last frame; psnr_to_truth:
     PSNR (dB) of the generated frames against the true frames, and .last over the last quarter.
     """
-    scores = frame_scores(frames, video)
     present, error, psnr = scores["present"], scores["position_error_px"], scores["psnr_to_truth"]
-    last = slice(len(frames) - max(len(frames) // 4, 1), len(frames))
-
+    last = slice(len(present) - max(len(present) // 4, 1), len(present))
     return {
         "position_error_px": float(nanmean(error)), "position_error_px.last": float(nanmean(error[last])),
         "present_fraction": float(present.mean()), "survives": float(present[-1]),
