@@ -158,3 +158,19 @@ def mlflow_server(tmp_path_factory):
     except subprocess.TimeoutExpired:  # open keep-alive connections can hold a graceful shutdown
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+# The suite runs on two pytest-xdist workers, a module at a time each (pyproject: -n 2 --dist loadfile), handed out
+# in collection order. These modules take longest (whole stages on Ray, a three-node cluster), so they go first: the
+# workers then end on short modules and finish together, instead of one of them starting a 3-minute module last.
+LONGEST_FIRST = ("test_cluster", "test_miniature_experiment", "test_train", "test_speed", "test_workflow",
+                 "test_animatediff_stages", "test_preprocess_pipeline", "test_train_memory_mode")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        module = item.path.stem
+        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
+

@@ -117,7 +117,8 @@ def test_trainable_all_trains_every_weight_and_checkpoints_them():
 @pytest.mark.usefixtures("ray_local")
 def test_miniature_end_to_end(tmp_path):
     cfg = MiniatureConfig(workdir=tmp_path / "mini", train_videos=8, heldout_videos=2, replicates=2, vae_steps=10,
-                          base_steps=10, post_steps=10, post_lr=1e-3, val_levels=2, gen_steps=2, resamples=200)
+                          base_steps=10, post_steps=10, post_lr=1e-3, val_levels=2, gen_steps=2, resamples=200,
+                          gen_workers=1)
     threads = torch.get_num_threads()
     results = run_miniature(cfg)
     assert torch.get_num_threads() == threads  # the session's tests after it keep their thread count
