@@ -160,9 +160,10 @@ def mlflow_server(tmp_path_factory):
         process.wait()
 
 
-# The suite runs on two pytest-xdist workers, a module at a time each (pyproject: -n 2 --dist loadfile), handed out
-# in collection order. These modules take longest (whole stages on Ray, a three-node cluster), so they go first: the
-# workers then end on short modules and finish together, instead of one of them starting a 3-minute module last.
+# The suite runs on two pytest-xdist workers, a module at a time each, handed out in collection order (pyproject:
+# -n 2 --dist loadfile --no-loadscope-reorder; xdist's own order, most tests first, started the 4-test cluster
+# module last, alone for its last 3 minutes). These modules take longest (whole stages on Ray, a three-node
+# cluster), so they go first: the workers then end on short modules and finish together.
 LONGEST_FIRST = ("test_cluster", "test_miniature_experiment", "test_train", "test_speed", "test_workflow",
                  "test_animatediff_stages", "test_preprocess_pipeline", "test_train_memory_mode")
 
