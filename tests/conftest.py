@@ -113,7 +113,7 @@ def synthetic_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One real local Ray (2 CPUs) for the whole session; tests that need Ray ask for it."""
+    """One real local Ray (2 CPUs) for the whole session (per xdist worker); tests that need Ray ask for it."""
     import ray
 
     started = not ray.is_initialized()
@@ -174,4 +174,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: each module keeps its own order
-
