@@ -11,11 +11,16 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# pip compiles every installed file to bytecode one at a time; compileall does the same on every core. The bytecode
+# must exist: where PYTHONDONTWRITEBYTECODE is set (as on CI machines) nothing writes it later, and each process
+# would compile torch, diffusers and Ray again (twice the import time of every Ray worker). One file of torch's
+# test helpers is Python 3.12 syntax and fails to compile, as it does under pip: compileall's status is ignored.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-compile --upgrade pip
+	$(BIN)/pip install -q --no-compile "$(TORCH)"
+	$(BIN)/pip install -q --no-compile -e ".[test]"
+	$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" > /dev/null || true
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,7 +30,9 @@ demo: $(STAMP)
 system-deps:
 	bash scripts/system_deps.sh
 
+# The project's own modules are compiled first for the same reason (every Ray worker imports them).
 test: $(STAMP) system-deps
+	$(BIN)/python -m compileall -q -j 0 exvideo preprocessing pipelines orchestration experiments benchmarks > /dev/null
 	$(BIN)/python -m pytest -q
 
 clean:
