@@ -14,6 +14,7 @@ The ground floor every other package builds on (none of it imports torch):
     exvideo.tracking    - MLflow: the default embedded store, experiments, nested stage runs, metric histories
     exvideo.ray_setup   - the one Ray start-up every stage uses, and Ray Data in input order
     exvideo.console     - libraries' informational output to each stage's log file, a quiet console
+    exvideo.families    - which model family (svd, animatediff) a checkpoint directory holds
 """
 
 import importlib
@@ -23,8 +24,9 @@ import importlib
 _EXPORTS = {
     "exvideo.adapter": ("AdapterMismatchError", "adapter_state_dict", "apply_adapter", "load_adapter", "save_adapter"),
     "exvideo.models": ("SVDComponents", "load_svd", "load_unet", "tiny_svd_components", "write_tiny_svd"),
-    "exvideo.motion_models": ("AnimateDiffComponents", "checkpoint_family", "load_animatediff", "model_family",
-                              "tiny_animatediff_components", "write_tiny_animatediff"),
+    "exvideo.families": ("checkpoint_family", "model_family"),
+    "exvideo.motion_models": ("AnimateDiffComponents", "load_animatediff", "tiny_animatediff_components",
+                              "write_tiny_animatediff"),
     "exvideo.objective": ("LatentBatch", "added_time_ids", "edm_preconditioning", "karras_sigmas", "post_tuning_loss"),
     "exvideo.speed_options": ("SpeedOptions",),
     "exvideo.trainable": ("freeze_for_post_tuning", "prepare_for_post_tuning", "trainable_parameters"),

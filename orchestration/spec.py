@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from exvideo.families import checkpoint_family
 from exvideo.config import (
     ConfigError, StageConfig, apply_override, default_tracking_uri, describe_errors, read_yaml_mapping,
 )
@@ -79,8 +80,6 @@ class WorkflowSpec(StageConfig):
     @property
     def model_family(self) -> str:
         """The model's family: as declared, else read from the checkpoint's model_index.json (SVD without one)."""
-        from exvideo.motion_models import checkpoint_family
-
         return checkpoint_family(self.model, self.family)
 
     @property

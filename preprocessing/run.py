@@ -16,7 +16,7 @@ import ray
 from tqdm import tqdm
 
 from preprocessing.config import PreprocessConfig
-from exvideo.motion_models import checkpoint_family
+from exvideo.families import checkpoint_family
 from preprocessing.encode import ENCODERS, ENTRY_COLUMNS, encoder_fingerprint, resolve_device
 from preprocessing.ledger import Failure
 from preprocessing.manifest import read_sources

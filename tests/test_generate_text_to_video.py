@@ -16,7 +16,7 @@ from exvideo import extend_unet, extended_num_frames, load_animatediff, save_ada
 from exvideo.motion_unet import motion_modules
 from pipelines.generate import GenerateJobConfig, GenerationParams, generate_text_video, load_pipeline
 from pipelines.generate.job import run_generate_job
-from exvideo.motion_models import checkpoint_family
+from exvideo.families import checkpoint_family
 from pipelines.generate.params import check_family
 from pipelines.generate.rows import check_row
 

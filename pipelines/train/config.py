@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from exvideo.config import StageConfig, default_tracking_uri, operational
+from exvideo.families import checkpoint_family
 from exvideo.speed_options import SpeedOptions, compiles_on, refuse_generation_switches
 
 
@@ -98,8 +99,6 @@ class TrainConfig(StageConfig):
     @property
     def model_family(self) -> str:
         """The checkpoint's family: as declared, else read from its model_index.json; a bare UNet folder is SVD's."""
-        from exvideo.motion_models import checkpoint_family  # diffusers loads only when a stage needs the family
-
         return checkpoint_family(self.svd_dir, self.family)
 
     @property
