@@ -146,6 +146,8 @@ def test_stopped_then_killed_run_resumes_exactly(straight, tmp_path):
     import time
 
     import psutil
+    import ray
+    from ray.util.state import list_actors
 
     cfg, straight_result = straight
     pieces = cfg.model_copy(update={"storage_path": tmp_path / "runs", "name": "pieces", "checkpoint_every": 3,
@@ -157,9 +159,11 @@ def test_stopped_then_killed_run_resumes_exactly(straight, tmp_path):
     deadline = time.time() + 240
     while not (pieces.run_dir / "checkpoint-00000009").is_dir() and time.time() < deadline:
         time.sleep(0.05)
-    victims = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-    assert victims, "no Ray Train worker process found"
-    victims[-1].kill()
+    # A worker of this session's Ray: the other xdist worker's tests (a cluster of their own) may be training too.
+    victims = list_actors(ray.get_runtime_context().gcs_address, detail=True,
+                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert victims, "no Ray Train worker alive"
+    psutil.Process(max(actor.pid for actor in victims)).kill()
     thread.join(timeout=300)
     resumed = outcome["result"]
     assert resumed.steps == 16
