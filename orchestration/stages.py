@@ -56,7 +56,7 @@ class Stage:
     """One stage, declared once."""
 
     name: str
-    config: str  # "module:Class" of its config
+    config: str  # "module:Class" of its config, in a torch-free module: a spec validates without a model library
     entry: str  # "module:function" running it on its own, given its config
     help: str
     inputs: tuple[str, ...]  # what its key depends on: "corpus", "model", upstream stages ("a|b": the first present)
@@ -197,7 +197,7 @@ STAGES: tuple[Stage, ...] = (
           wired={"input": PLACEHOLDER, "output": PLACEHOLDER, "model": PLACEHOLDER, "family": None,
                  "ray_address": None},
           outputs=("shards", "samples", "failures"), run=run_preprocess, needs_ray=True, folder="output"),
-    Stage("reshard", config="preprocessing.reshard:ReshardConfig", entry="preprocessing.reshard:run_reshard",
+    Stage("reshard", config="preprocessing.config:ReshardConfig", entry="preprocessing.reshard:run_reshard",
           summary="preprocessing.reshard:format_reshard_summary",
           help="filter, shuffle and rewrite a shard set into shards of a new size; required: input=SHARDS output=DIR",
           inputs=("preprocess",), wired={"input": PLACEHOLDER, "output": PLACEHOLDER, "ray_address": None},
@@ -210,7 +210,7 @@ STAGES: tuple[Stage, ...] = (
                  "tracking_uri": None, "experiment": "workflow", "ray_address": None},
           outputs=("adapter", "run_dir", "steps", "final_loss"), run=run_train, needs_ray=True,
           folder="storage_path"),
-    Stage("generate", config="pipelines.generate.job:GenerateJobConfig", entry="pipelines.generate:run_generate_job",
+    Stage("generate", config="pipelines.generate.config:GenerateJobConfig", entry="pipelines.generate:run_generate_job",
           help="batch-generate long videos from a listing of images or prompts",
           inputs=("model", "preprocess", "train"),
           wired={"output": PLACEHOLDER, "model": PLACEHOLDER, "family": None, "adapter": PLACEHOLDER,
@@ -219,7 +219,7 @@ STAGES: tuple[Stage, ...] = (
           # How many preprocessed corpus videos give their first frame (SVD) or caption (AnimateDiff) to generate
           # from (without an `input`).
           runner_keys={"conditioning_videos": 2}),
-    Stage("evaluate", config="pipelines.evaluate.run:EvaluateConfig", entry="pipelines.evaluate.run:run_evaluation",
+    Stage("evaluate", config="pipelines.evaluate.config:EvaluateConfig", entry="pipelines.evaluate.run:run_evaluation",
           help="metrics, an HTML report and MLflow runs for folders of generated videos",
           inputs=("model", "generate"),
           wired={"videos_dir": [PLACEHOLDER], "output_dir": PLACEHOLDER, "tracking_uri": None,

@@ -1,4 +1,5 @@
-"""The preprocessing stage's typed configuration and the hash that ties an output folder to it."""
+"""The preprocessing and re-sharding stages' typed configurations, and the hash that ties an output folder to
+preprocessing's. Torch-free, like every stage's config module: a spec validates without loading a model library."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from exvideo.config import StageConfig, operational
 
@@ -79,3 +80,29 @@ class PreprocessConfig(StageConfig):
     def content_hash(self) -> str:
         """Short hash of `content_fields`; shards, index and records carry it."""
         return hashlib.sha256(json.dumps(self.content_fields(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ReshardConfig(StageConfig):
+    """Which samples to keep, in what order, in shards of what size."""
+
+    input: Path = Field(..., description="a shard set: a folder with index.parquet and shards/")
+    output: Path
+    shard_max_samples: int = Field(64, ge=1)
+    shard_max_bytes: int = Field(1 << 30, ge=1)
+    motion_bucket_min: int = Field(0, ge=0, le=127)
+    motion_bucket_max: int = Field(127, ge=0, le=127)
+    sources: list[str] = Field(default_factory=list, description="keep sources matching any of these globs")
+    require_caption: bool = False
+    keys_file: Path | None = Field(None, description="keep only the keys listed in this file, one per line")
+    shuffle_seed: int | None = Field(None, description="shuffle with this seed; none keeps the input order")
+    ray_address: str | None = operational(None, description="existing Ray cluster; none starts a local Ray")
+    progress: bool = operational(True)
+
+    @model_validator(mode="after")
+    def _filters_can_keep_something(self) -> "ReshardConfig":
+        if self.motion_bucket_min > self.motion_bucket_max:
+            raise ValueError(f"motion_bucket_min {self.motion_bucket_min} > motion_bucket_max "
+                             f"{self.motion_bucket_max}: no sample could pass")
+        if self.keys_file is not None and not self.keys_file.is_file():
+            raise ValueError(f"keys_file {self.keys_file} does not exist; give a file with one sample key per line")
+        return self

@@ -17,44 +17,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import ray
-from pydantic import Field, model_validator
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from exvideo.config import StageConfig, operational
 from exvideo.ray_setup import ensure_ray, ordered_quiet_data
+from preprocessing.config import ReshardConfig
 from preprocessing.outputs import claim_output, write_run_manifest
 from preprocessing.shards import (
     INDEX_SCHEMA, file_sha256, member_bytes, read_sample_entries, sample_spans, shard_stats, write_table_atomic,
 )
 
 RESHARD_MANIFEST = "reshard.json"
-
-
-class ReshardConfig(StageConfig):
-    """Which samples to keep, in what order, in shards of what size."""
-
-    input: Path = Field(..., description="a shard set: a folder with index.parquet and shards/")
-    output: Path
-    shard_max_samples: int = Field(64, ge=1)
-    shard_max_bytes: int = Field(1 << 30, ge=1)
-    motion_bucket_min: int = Field(0, ge=0, le=127)
-    motion_bucket_max: int = Field(127, ge=0, le=127)
-    sources: list[str] = Field(default_factory=list, description="keep sources matching any of these globs")
-    require_caption: bool = False
-    keys_file: Path | None = Field(None, description="keep only the keys listed in this file, one per line")
-    shuffle_seed: int | None = Field(None, description="shuffle with this seed; none keeps the input order")
-    ray_address: str | None = operational(None, description="existing Ray cluster; none starts a local Ray")
-    progress: bool = operational(True)
-
-    @model_validator(mode="after")
-    def _filters_can_keep_something(self) -> "ReshardConfig":
-        if self.motion_bucket_min > self.motion_bucket_max:
-            raise ValueError(f"motion_bucket_min {self.motion_bucket_min} > motion_bucket_max "
-                             f"{self.motion_bucket_max}: no sample could pass")
-        if self.keys_file is not None and not self.keys_file.is_file():
-            raise ValueError(f"keys_file {self.keys_file} does not exist; give a file with one sample key per line")
-        return self
 
 
 def _filter_reason(row: dict, cfg: ReshardConfig, keys: set[str] | None) -> str | None:

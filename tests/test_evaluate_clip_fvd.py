@@ -13,7 +13,8 @@ import exvideo
 from pipelines.evaluate.clip_metrics import (
     clip_consistency, clip_embeddings, compute_fvd, frechet_distance, fvd_skip_reason, sample_frames,
 )
-from pipelines.evaluate.run import EvaluateConfig, run_evaluation
+from pipelines.evaluate.config import EvaluateConfig
+from pipelines.evaluate.run import run_evaluation
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import exvideo
-from pipelines.evaluate.run import EvaluateConfig, run_evaluation
+from pipelines.evaluate.config import EvaluateConfig
+from pipelines.evaluate.run import run_evaluation
 from pipelines.evaluate.video_model import generation_params
-from pipelines.generate.job import GenerateJobConfig, run_generate_job
+from pipelines.generate.config import GenerateJobConfig
+from pipelines.generate.job import run_generate_job
 from pipelines.generate.params import GenerationParams, SecondPass
 
 GENERATION = {"num_frames": 4, "height": 64, "width": 64, "steps": 2, "seed": 7}

@@ -73,18 +73,20 @@ def test_the_walk_catches_each_kind(tmp_path, where, source, expected):
 
 
 def test_reading_a_config_imports_neither_torch_nor_mlflow():
-    """Processes that only read configs stay light: Ray Train's controller unpickles the training config, and the
-    ground floor is what every package imports first. Importing torch, diffusers and MLflow costs a new process ~15 s
-    on a 2-core machine, on the critical path of every training run."""
+    """Processes that only read configs and specs stay light: Ray Train's controller unpickles the training config,
+    `exvideo run` checks a spec (and submits it to a cluster) before any stage runs, and the ground floor is what
+    every package imports first. Importing torch, diffusers and MLflow costs a new process ~15 s on a 2-core machine,
+    on the critical path of every training run."""
     import subprocess
     import sys
 
     light = ["exvideo.config", "exvideo.console", "exvideo.families", "exvideo.speed_options", "pipelines.train",
-             "pipelines.train.config", "preprocessing.config", "pipelines.generate.params"]
-    # A training config tells its checkpoint's family (the driver's first check) from model_index.json alone.
-    family = f"pipelines.train.config.TrainConfig(svd_dir={str(ROOT)!r}, shards='x').model_family"
-    probe = (f"import sys\nfor name in {light!r}:\n    __import__(name)\nimport pipelines.train.config\n"
-             f"print({family})\n"
+             "pipelines.train.config", "preprocessing.config", "pipelines.generate.params", "pipelines.generate.config",
+             "pipelines.evaluate.config", "orchestration.spec"]
+    # Loading a spec validates every stage's section and its cross-stage checks, which read the model's family.
+    spec = f"orchestration.spec.load_spec({str(ROOT / 'configs' / 'demo.yaml')!r}, ['model={ROOT}'])"
+    probe = (f"import sys\nfor name in {light!r}:\n    __import__(name)\nimport orchestration.spec\n"
+             f"print({spec}.model_family)\n"
              "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'mlflow', 'transformers'}))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["svd", "[]"]

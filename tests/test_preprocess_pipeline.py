@@ -21,7 +21,8 @@ from exvideo.samples import decode_sample
 from preprocessing.config import PreprocessConfig
 from preprocessing.encode import ClipEncoder, encoder_fingerprint
 from preprocessing.outputs import OutputMismatchError
-from preprocessing.reshard import ReshardConfig, run_reshard
+from preprocessing.config import ReshardConfig
+from preprocessing.reshard import run_reshard
 from preprocessing.run import run_preprocess
 from preprocessing.shards import read_sample_entries
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from exvideo import load_adapter, load_svd
-from exvideo.config import StageConfig, default_tracking_uri, operational
+from exvideo.config import default_tracking_uri
 from exvideo.tracking import experiment_id_for, log_histories, log_scalars, register_model, stage_run, tracking_to
 from pipelines.evaluate import figures
+from pipelines.evaluate.config import EvaluateConfig
 from pipelines.evaluate.clip_metrics import FVDResult, clip_consistency, compute_fvd, fvd_skip_reason, sample_frames
 from pipelines.evaluate.metrics import curve_frame_index, video_metrics
 from pipelines.evaluate.report import (
@@ -29,44 +29,6 @@ from pipelines.evaluate.report import (
 )
 from pipelines.evaluate.video_model import log_video_model
 from pipelines.evaluate.videos import GeneratedVideo, Skipped, decode, find_videos, load_conditioning, read_frames
-
-
-class EvaluateConfig(StageConfig):
-    """What to evaluate, where results go, and which optional models to use."""
-
-    videos_dir: list[Path] = Field(min_length=1, description="folder(s) of <id>.mp4 + <id>.json; one per run")
-    output_dir: Path = Path("runs/evaluate")
-    tracking_uri: str | None = operational(None, description="default: sqlite:///<output_dir>/mlflow.db")
-    experiment: str = operational("exvideo")
-    run_name: str = operational("evaluate")
-    parent_run_id: str | None = Field(None, description="nest the stage run under this run (e.g. a workflow's)")
-    title: str = "ExVideo evaluation"
-    svd_dir: Path | None = Field(None, description="local SVD checkpoint: enables CLIP consistency metrics")
-    device: str = operational("cpu")
-    i3d_path: Path | None = Field(None, description="local I3D TorchScript file: enables FVD")
-    fvd_reference_dir: Path | None = Field(None, description="folder of real mp4 videos FVD compares against")
-    fvd_num_frames: int = Field(16, ge=2)
-    contact_sheet_frames: int = Field(8, ge=2)
-    flow_pairs: int = Field(4, ge=1)
-    adapter: Path | None = Field(None, description="adapter to log as an MLflow pyfunc model (needs svd_dir)")
-    bundle_base: bool = Field(True, description="copy the SVD checkpoint into the logged model")
-    registered_model_name: str | None = None
-    model_alias: str | None = None
-
-    @field_validator("videos_dir", mode="before")
-    @classmethod
-    def _one_or_more(cls, value):
-        return value if isinstance(value, list) else [value]
-
-    @model_validator(mode="after")
-    def _model_logging_needs_its_inputs(self):
-        if self.adapter is not None and self.svd_dir is None:
-            raise ValueError("adapter is set but svd_dir is not: the logged model needs the base SVD checkpoint")
-        if self.registered_model_name and self.adapter is None:
-            raise ValueError("registered_model_name is set but adapter is not: there is no model to register")
-        if self.model_alias and not self.registered_model_name:
-            raise ValueError("model_alias is set but registered_model_name is not: an alias names a registered model")
-        return self
 
 
 def _safe(name: str) -> str:

@@ -16,7 +16,7 @@ Names are imported on first use: reading a generation config (`params`) needs ne
 import importlib
 
 _EXPORTS = {
-    "GenerateJobConfig": "job", "GeneratedVideo": "pipeline", "GenerationParams": "params",
+    "GenerateJobConfig": "config", "GeneratedVideo": "pipeline", "GenerationParams": "params",
     "LongVideoPipeline": "pipeline", "SecondPass": "params", "TextToVideoPipeline": "text_to_video",
     "generate_text_video": "api", "generate_video": "api", "load_pipeline": "loading",
     "load_text_to_video": "loading", "run_generate_job": "job", "write_mp4": "video_io",

@@ -19,20 +19,18 @@ import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import PIL.Image
 import ray
 import torch
-from pydantic import Field
 from tqdm import tqdm
 
 from exvideo import checkpoint_family
-from exvideo.speed_options import SpeedOptions, compiles_on
-from exvideo.config import StageConfig, operational
+from exvideo.speed_options import compiles_on
 from exvideo.storage import check_writable
 from exvideo.ray_setup import add_count, ensure_ray, format_per_node, node_id
+from pipelines.generate.config import GenerateJobConfig
 from pipelines.generate.frames import open_image
 from pipelines.generate.loading import file_sha256, load_pipeline, resolve_device, resolve_dtype
 from pipelines.generate.params import GenerationParams, check_family
@@ -43,31 +41,6 @@ from pipelines.generate.video_io import discard_temporary, write_json, write_mp4
 VIDEOS = "videos"
 FAILURES = "failures.jsonl"
 SUMMARY = "summary.json"
-
-
-class GenerateJobConfig(StageConfig):
-    """A generation job: where rows come from and outputs go, the model, and the default per-video parameters."""
-
-    input: Path = Path("rows.jsonl")
-    output: Path = Path("runs/generate")
-    # A local diffusers checkpoint of either family: SVD (image-to-video) or AnimateDiff (text-to-video).
-    model: Path = Path("checkpoints/stable-video-diffusion-img2vid-xt")
-    family: Literal["svd", "animatediff"] | None = Field(
-        None, description="the checkpoint's family; unset: read from its model_index.json (none: SVD)")
-    adapter: Path | None = None
-    # Without an adapter, exvideo extends the UNet to this many frames with the identity initialisation.
-    table_frames: int = Field(128, ge=2)
-    # SVD only: the local diffusers text-to-image pipeline that makes prompt rows' first frames.
-    text_to_image: Path | None = None
-    text_to_image_steps: int = Field(30, ge=1)
-    params: GenerationParams = GenerationParams()
-    # Model replicas; default one per GPU in the Ray cluster, or one on the CPU when there is none.
-    workers: int | None = operational(None, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = operational("auto")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    # How the UNet computes (exvideo.speed): layout, attention backend, compiled blocks, batched guidance.
-    speed: SpeedOptions = operational(default_factory=SpeedOptions)
-    ray_address: str | None = operational(None)
 
 
 def record_path(output: Path, row_id: str, suffix: str = ".json") -> Path:
