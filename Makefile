@@ -14,7 +14,8 @@ setup: $(STAMP)
 # Python writes each module's bytecode the first time a process imports it, and every later process loads it from
 # there. This project's build machines turn that off (PYTHONDONTWRITEBYTECODE): without bytecode, every Ray worker
 # would compile torch, diffusers and Ray again (2.4x its import time). Turned back on here for every recipe, rather
-# than compiling all of site-packages ahead, since the project imports a fifth of its 22,000 modules.
+# than compiling all of site-packages ahead (pip's default, hence --no-compile), since the project imports a fifth of
+# its 22,000 modules.
 unexport PYTHONDONTWRITEBYTECODE
 
 $(STAMP): pyproject.toml

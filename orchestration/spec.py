@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from exvideo.families import checkpoint_family
 from exvideo.config import (
     ConfigError, StageConfig, apply_override, default_tracking_uri, describe_errors, read_yaml_mapping,
 )
+from exvideo.families import checkpoint_family
 from orchestration.stages import STAGE, STAGES
 
 
