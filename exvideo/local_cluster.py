@@ -171,6 +171,11 @@ class LocalCluster:
                 counts[names[actor["node_id"]]] = counts.get(names[actor["node_id"]], 0) + 1
         return counts
 
+    def alive_actors(self, name_contains: str) -> int:
+        """How many actors whose name contains `name_contains` are alive anywhere in the cluster, head included."""
+        return sum(1 for actor in self._state("actors") if actor["state"] != "DEAD"
+                   and name_contains in (actor.get("repr_name") or actor["class_name"]))
+
     def _state(self, kind: str) -> list[dict]:
         request = urllib.request.Request(f"{self.dashboard}/api/v0/{kind}?limit=10000&detail=1",
                                          headers={"Authorization": f"Bearer {self.token}"})

@@ -59,51 +59,87 @@ def marker(folder: Path) -> dict:
     return json.loads((folder / "_complete.json").read_text())
 
 
-def test_workflow_spreads_over_both_nodes_and_resumes_after_its_driver_is_killed(cluster, tmp_path, synthetic_corpus,
-                                                                                tiny_svd_dir):
-    """`exvideo run` connected with `ray_address`, killed (SIGKILL) once train has a checkpoint; then the same spec
-    submitted through the Jobs API, which resumes in the same folders. Every stage ran on both worker nodes."""
+STEPS = 20  # of the workflow's training: room for a driver kill, then a node loss, each after a checkpoint
+
+
+@pytest.fixture(scope="module")
+def interrupted_workflow(cluster, tmp_path_factory, synthetic_corpus, tiny_svd_dir) -> dict:
+    """The workflow twice interrupted in its training: `exvideo run` connected with `ray_address`, killed (SIGKILL)
+    once train has a registered checkpoint; then the same spec submitted through the Jobs API, which resumes in the
+    same folders, and loses worker node b (replaced at once) once the resumed training has registered a checkpoint
+    of its own. One run serves two tests, the driver's loss and the node's, as a training run is the dearest
+    thing on this cluster."""
+    root = tmp_path_factory.mktemp("workflow")
+    work = root / "work"
     spec = {
-        "workdir": str(tmp_path / "work"), "corpus": str(synthetic_corpus), "model": str(tiny_svd_dir),
+        "workdir": str(work), "corpus": str(synthetic_corpus), "model": str(tiny_svd_dir),
         "ray_address": cluster.address,
         "preprocess": {"num_frames": 8, "height": 64, "width": 64, "shard_max_samples": 2, "encode_actors": 2},
-        # Steps enough that the killed driver's workers are gone before the last one; every checkpoint kept.
-        "train": {"num_frames": 16, "max_steps": 12, "checkpoint_every": 2, "keep_last": 6, "num_workers": 2,
-                  "cpus_per_worker": 2, "gradient_checkpointing": False},
+        # Every checkpoint kept: the killed run's must still be there, the very same files, at the end.
+        "train": {"num_frames": 16, "max_steps": STEPS, "checkpoint_every": 2, "keep_last": STEPS // 2,
+                  "log_every": 1, "num_workers": 2, "cpus_per_worker": 2, "gradient_checkpointing": False,
+                  "max_failures": 2},
         "generate": {"conditioning_videos": 2, "workers": 2,
                      "params": {"num_frames": 16, "height": 64, "width": 64, "steps": 1}},
         "evaluate": {"title": "on two nodes"},
     }
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    work = tmp_path / "work"
-    driver = subprocess.Popen([str(Path(sys.executable).parent / "exvideo"), "run", str(tmp_path / "spec.yaml")],
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    driver = subprocess.Popen([str(Path(sys.executable).parent / "exvideo"), "run", str(root / "spec.yaml")],
                               env=cluster.client_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: any(registered(run, "checkpoint-00000002") for run in work.glob("train-*/train")), 400,
+        wait_for(lambda: any(2 in registered_steps(run) for run in work.glob("train-*/train")), 400,
                  "train's first registered checkpoint")
     finally:
         driver.kill()
         driver.wait()
+    # The killed driver's training goes down with it (its controller and workers were its actors): what it left is
+    # final once they are gone.
+    wait_for(lambda: not cluster.alive_actors("TrainController") and not cluster.alive_actors("RayTrainWorker"), 60,
+             "the killed run's training actors to go")
     (preprocess,), (train,) = sorted(work.glob("preprocess-*")), sorted(work.glob("train-*"))
-    assert not (train / "_complete.json").exists()
-    preprocessed = {p: p.stat().st_mtime_ns for p in preprocess.rglob("*")}
-    saved = {p: p.stat().st_mtime_ns for p in (train / "train").glob("checkpoint-*/*")}
+    registered = registered_steps(train / "train")
+    killed = {"complete": (train / "_complete.json").exists(), "registered": registered,
+              "preprocessed": {p: p.stat().st_mtime_ns for p in preprocess.rglob("*")},
+              "saved": {p: p.stat().st_mtime_ns for step in registered
+                        for p in (train / "train" / f"checkpoint-{step:08d}").iterdir()}}
+    out = run_losing_node_b(
+        cluster, ["run", str(root / "spec.yaml"), "--address", cluster.dashboard],
+        lambda: max(registered_steps(train / "train"), default=0) > max(killed["registered"]),
+        "a checkpoint of the resumed training", back_after_s=0)
+    return {"work": work, "preprocess": preprocess, "train": train, "killed": killed, "out": out}
 
-    done = exvideo(cluster, "run", str(tmp_path / "spec.yaml"), "--address", cluster.dashboard)
-    out = done.stdout
+
+def resumed_steps(out: str) -> list[int]:
+    """The steps the training ranks said they resumed from, ascending, once each. (Ray prints a line that several
+    workers print alike once, possibly late, so a rank's own line may not be where it happened.)"""
+    return sorted({int(n) for n in re.findall(r"resumed from step (\d+)", out)})
+
+
+def registered_steps(run_dir: Path) -> set[int]:
+    """Steps of the checkpoints Ray Train has registered for the run (its snapshot names them): written is not
+    enough, a resume starts from the latest registered one."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    return {int(n) for n in re.findall(r"checkpoint-(\d+)", snapshot.read_text())} if snapshot.is_file() else set()
+
+
+def test_workflow_spreads_over_both_nodes_and_resumes_after_its_driver_is_killed(interrupted_workflow, cluster):
+    """The rerun through the Jobs API resumes in the killed driver's folders; every stage ran on both worker
+    nodes."""
+    run = interrupted_workflow
+    work, preprocess, train, killed, out = (run[k] for k in ("work", "preprocess", "train", "killed", "out"))
+    assert not killed["complete"] and killed["registered"]
     assert re.search(r"^submitted job \S+ to http://127\.0\.0\.1:\d+", out, re.M)
     assert re.search(r"job \S+: SUCCEEDED", out)
     assert "[1/4] preprocess: done before, skipped" in out and f"[2/4] train: running in {train}" in out
-    # The workers' own lines reach the job's log: the ranks resumed from a checkpoint the killed run registered.
-    resumed = {int(n) for n in re.findall(r"resumed from step (\d+)", out)}
-    assert resumed and resumed <= {2, 4, 6, 8, 10}, out[-4000:]
+    # The workers' own lines reach the job's log: the ranks resumed from the killed run's last registered checkpoint.
+    assert min(resumed_steps(out)) == max(killed["registered"]), out[-4000:]
     # Quiet by default: Ray Train's per-report INFO lines (a logger named by file path, outside ray.train) stay out.
     assert "Reporting training result" not in out, out[-4000:]
-    # Resumed, not restarted: the checkpoints the killed run saved are still the very same files.
-    assert saved and all(p.stat().st_mtime_ns == mtime for p, mtime in saved.items())
-    assert json.loads((train / "train" / "result.json").read_text())["steps"] == 12
+    # Resumed, not restarted: the checkpoints the killed run registered are still the very same files.
+    assert killed["saved"] and all(p.stat().st_mtime_ns == mtime for p, mtime in killed["saved"].items())
+    assert json.loads((train / "train" / "result.json").read_text())["steps"] == STEPS
     assert sorted(work.glob("train-*")) == [train]
-    assert {p: p.stat().st_mtime_ns for p in preprocess.rglob("*")} == preprocessed
+    assert {p: p.stat().st_mtime_ns for p in preprocess.rglob("*")} == killed["preprocessed"]
     (generate,) = sorted(work.glob("generate-*"))
     assert all((folder / "_complete.json").is_file() for folder in (preprocess, train, generate))
 
@@ -113,36 +149,62 @@ def test_workflow_spreads_over_both_nodes_and_resumes_after_its_driver_is_killed
     # What each node did (the few tiny clips may all reach the encoder that started first).
     decoded = by_name(marker(preprocess)["outputs"]["per_node"], cluster)
     assert set(decoded) == {"a", "b"} and all(c["sources_decoded"] >= 1 for c in decoded.values()), decoded
-    run = json.loads((preprocess / "run.json").read_text())
-    assert sum(c["sources_decoded"] for c in decoded.values()) == run["counts"]["sources"]  # the missing file too
-    assert sum(c.get("clips_encoded", 0) for c in decoded.values()) == run["counts"]["samples"]
-    result = json.loads((train / "train" / "result.json").read_text())
-    assert by_name(result["worker_steps_by_node"], cluster) == {"a": 12, "b": 12}
+    summary = json.loads((preprocess / "run.json").read_text())
+    assert sum(c["sources_decoded"] for c in decoded.values()) == summary["counts"]["sources"]  # the missing file too
+    assert sum(c.get("clips_encoded", 0) for c in decoded.values()) == summary["counts"]["samples"]
     made = by_name(marker(generate)["outputs"]["per_node"], cluster)
     assert made == {"a": {"videos": 1}, "b": {"videos": 1}}
     records = [json.loads(p.read_text()) for p in (generate / "videos").glob("*.json")]
     assert {node_names(cluster)[r["node"]] for r in records} == {"a", "b"}
 
-    # MLflow: each stage's run holds its per-node counts.
+    # MLflow: each stage's run holds its per-node counts (node b had two ids in training: it was replaced).
     client = MlflowClient(f"sqlite:///{work.resolve()}/mlflow.db")
     runs = {r.data.tags.get("exvideo.stage"): r for r in client.search_runs(
         [e.experiment_id for e in client.search_experiments()])}
+    ids = {node[:8]: name for node, name in node_names(cluster).items()}
     for stage, name in (("preprocess", "sources_decoded"), ("train", "worker_steps"), ("generate", "videos")):
-        metrics = {k for k in runs[stage].data.metrics if k.startswith("node.") and k.endswith(name)}
-        assert len(metrics) == 2, (stage, runs[stage].data.metrics)
+        nodes = {ids.get(key.split(".")[1], key) for key in runs[stage].data.metrics
+                 if key.startswith("node.") and key.endswith(name)}
+        assert nodes == {"a", "b"}, (stage, runs[stage].data.metrics)
+
+
+def test_training_restarts_from_its_checkpoint_when_a_worker_node_is_lost(interrupted_workflow, cluster,
+                                                                          tiny_svd_dir):
+    """Node b lost in the resumed training, and replaced at once (a preempted node, a new one started): the worker
+    group restarts from the latest checkpoint once it fits again; no step is lost or repeated after it."""
+    from exvideo import load_adapter, load_unet
+
+    run = interrupted_workflow
+    out, run_dir = run["out"], run["train"] / "train"
+    # The ranks resumed twice: from the killed run's checkpoint, then from one the resumed run registered.
+    resumed = resumed_steps(out)
+    assert len(resumed) == 2 and resumed[1] % 2 == 0, out[-6000:]
+    first, restored = resumed
+    # Rank 0's step log: from each resume on, every step ran once, in order; it breaks once, where the restart
+    # went back to the restored checkpoint. (Steps the lost node's rank 0 printed just before the loss may never
+    # reach this console, its log streamer gone with it: the break may skip ahead as well as go back.)
+    steps = [int(n) for n in re.findall(rf"step (\d+)/{STEPS} loss", out)]
+    breaks = [i for i in range(1, len(steps)) if steps[i] != steps[i - 1] + 1]
+    assert len(breaks) <= 1 and restored + 1 in steps, out[-6000:]
+    cut = breaks[0] if breaks else steps.index(restored + 1)
+    before, after = steps[:cut], steps[cut:]
+    assert before == list(range(first + 1, first + 1 + len(before))), out[-6000:]
+    assert after == list(range(restored + 1, STEPS + 1)), out[-6000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    names = node_names(cluster)
+    by_node: dict[str, int] = {}
+    for node, count in result["worker_steps_by_node"].items():  # b came back as a new node, with a new id
+        by_node[names[node]] = by_node.get(names[node], 0) + count
+    # The steps a checkpoint saved plus those after it: none of the lost steps counted twice.
+    assert by_node == {"a": STEPS, "b": STEPS}, result["worker_steps_by_node"]
+    unet = load_unet(tiny_svd_dir)
+    load_adapter(unet, run_dir / "adapter.safetensors")  # strict: names and shapes
 
 
 def many_videos(root: Path, count: int) -> Path:
     """A corpus of `count` small good videos (no broken ones): enough for a node to be lost mid-run."""
     specs = tuple(VideoSpec(f"v{i:02d}", num_frames=16, speed=1.0 + i % 4) for i in range(count))
     return write_corpus(root, specs, broken=False)
-
-
-def registered(run_dir: Path, checkpoint: str) -> bool:
-    """Whether Ray Train has registered `checkpoint` of the run (its snapshot names it): written is not enough,
-    a resume starts from the latest registered one."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    return snapshot.is_file() and checkpoint in snapshot.read_text()
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -217,36 +279,3 @@ def test_generation_survives_losing_a_worker_node_and_makes_every_row_once(clust
     for i in range(6):
         record = json.loads((output / "videos" / f"row{i}.json").read_text())
         assert len(decord.VideoReader(str(output / "videos" / f"row{i}.mp4"))) == record["frames"] == 8
-
-
-def test_training_restarts_from_its_checkpoint_when_a_worker_node_is_lost(cluster, tmp_path, tiny_svd_dir):
-    from exvideo import load_adapter, load_unet
-    from test_train import write_shards
-
-    write_shards(tmp_path / "shards", num_shards=2, per_shard=4)
-    run_dir = tmp_path / "runs" / "lost"
-    args = [arg for value in (f"svd_dir={tiny_svd_dir}", f"shards={tmp_path / 'shards'}",
-                              f"storage_path={tmp_path / 'runs'}", "name=lost", "num_frames=16", "max_steps=16",
-                              "checkpoint_every=4", "log_every=1", "num_workers=2", "cpus_per_worker=2",
-                              "gradient_checkpointing=false", "max_failures=2", f"ray_address={cluster.address}",
-                              f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
-            for arg in ("--set", value)]
-    # A preempted node replaced (by a new node, started at once): the worker group restarts once it fits again.
-    out = run_losing_node_b(cluster, ["train", *args], lambda: registered(run_dir, "checkpoint-00000004"),
-                            "the first checkpoint", back_after_s=0)
-    # Both ranks resumed from the same saved checkpoint; from there every step ran once, in order. (Steps the lost
-    # node's rank 0 printed after it may never reach this console: its log streamer went down with it.)
-    restored = {int(n) for n in re.findall(r"resumed from step (\d+)", out)}
-    assert len(restored) == 1 and restored <= {4, 8, 12}, out[-4000:]
-    before, after = (re.findall(r"step (\d+)/16 loss", part) for part in out.split("resumed from step", 1))
-    assert [int(n) for n in before] == list(range(1, len(before) + 1)), out[-6000:]
-    assert [int(n) for n in after] == list(range(min(restored) + 1, 17)), out[-6000:]
-    result = json.loads((run_dir / "result.json").read_text())
-    names = node_names(cluster)
-    by_node: dict[str, int] = {}
-    for node, count in result["worker_steps_by_node"].items():  # b came back as a new node, with a new id
-        by_node[names[node]] = by_node.get(names[node], 0) + count
-    # The steps a checkpoint saved plus those after it: none of the lost steps counted twice.
-    assert by_node == {"a": 16, "b": 16}, result["worker_steps_by_node"]
-    unet = load_unet(tiny_svd_dir)
-    load_adapter(unet, run_dir / "adapter.safetensors")  # strict: names and shapes
