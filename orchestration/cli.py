@@ -23,16 +23,20 @@ def _run_stage(args: argparse.Namespace) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from orchestration.demo import DemoConfig, run_demo
+    with stage_log(None):
+        from orchestration.demo import DemoConfig, run_demo
 
-    run_demo(load_config(DemoConfig, args.config, args.overrides))
+        run_demo(load_config(DemoConfig, args.config, args.overrides))
 
 
 def _make_tiny_model(args: argparse.Namespace) -> None:
-    from exvideo import write_tiny_animatediff, write_tiny_svd
+    with stage_log(None):
+        from exvideo import write_tiny_animatediff, write_tiny_svd
 
-    write, name = {"svd": (write_tiny_svd, "SVD"), "animatediff": (write_tiny_animatediff, "AnimateDiff")}[args.family]
-    print(f"wrote tiny {name} checkpoint to {write(args.path, seed=args.seed, overwrite=args.overwrite)}")
+        write, name = {"svd": (write_tiny_svd, "SVD"),
+                       "animatediff": (write_tiny_animatediff, "AnimateDiff")}[args.family]
+        path = write(args.path, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote tiny {name} checkpoint to {path}")
 
 
 def _make_synthetic_corpus(args: argparse.Namespace) -> None:
@@ -47,9 +51,10 @@ def _run_workflow(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     stage_args = [*(["--from", args.start] if args.start else []), *(["--only", args.only] if args.only else [])]
     if args.address:
-        from orchestration.submit import submit_workflow
+        with stage_log(None):
+            from orchestration.submit import submit_workflow
 
-        return 0 if submit_workflow(spec, args.address, stage_args) == "SUCCEEDED" else 1
+            return 0 if submit_workflow(spec, args.address, stage_args) == "SUCCEEDED" else 1
     from orchestration.runner import format_summary, run_workflow
 
     print(format_summary(spec, run_workflow(spec, start=args.start, only=args.only, spec_path=str(args.spec))))
@@ -104,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
+    # Each command reads and checks its config before it enters the quiet console (`stage_log`), which imports the
+    # model libraries: a bad config or spec is refused at once, not after seconds of imports.
     try:
-        with stage_log(None):  # quiet from the first import on; stages add their log files
-            return args.func(args) or 0
+        return args.func(args) or 0
     except (ConfigError, FileNotFoundError, FileExistsError, StorageError, ValueError) as exc:
         print(f"exvideo {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -99,13 +99,14 @@ def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None 
     `start` / `only` select stages; selected stages run even when done (their marker is dropped first), and the
     stages before them must be complete.
     """
-    from orchestration import tracking
-
     selected = select_stages(spec, start, only)
     keys = stage_keys(spec)
     records = [StageRecord(name, key, spec.workdir / f"{name}-{key}") for name, key in keys.items()]
+    check_inputs_exist(spec)
     spec.workdir.mkdir(parents=True, exist_ok=True)
     with stage_log(spec.workdir, WORKFLOW_LOG):
+        from orchestration import tracking
+
         parent = tracking.start_workflow_run(spec, keys, spec_path)
         print(f"workflow: {len(records)} stages {' -> '.join(keys)}; MLflow run {parent} at "
               f"{spec.resolved_tracking_uri}")
@@ -116,6 +117,17 @@ def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None 
             raise
         tracking.end_workflow_run(spec, parent, records, "FINISHED")
     return records
+
+
+def check_inputs_exist(spec: WorkflowSpec) -> None:
+    """Refuse a run whose model or local corpus is not there, before any folder is made. (Not at spec load: a spec
+    submitted through the Jobs API names paths on the cluster, which the submitting machine may not have.)"""
+    if not spec.model.is_dir():
+        raise FileNotFoundError(f"model {spec.model} is not a directory; point the spec's model at a local "
+                                "diffusers-format checkpoint (`exvideo make-tiny-model DIR` writes a tiny one)")
+    if "://" not in spec.corpus and not Path(spec.corpus).exists():
+        raise FileNotFoundError(f"corpus {spec.corpus} does not exist; point the spec's corpus at a video manifest "
+                                "or a folder of videos")
 
 
 def _run_records(spec: WorkflowSpec, records: list[StageRecord], selected: list[str], forcing: bool,
