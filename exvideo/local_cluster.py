@@ -166,15 +166,18 @@ class LocalCluster:
         """Worker node name -> how many actors whose name contains `name_contains` it has hosted (dead ones too)."""
         names = {node: name for name, ids in self.node_ids().items() for node in ids}
         counts: dict[str, int] = {}
-        for actor in self._state("actors"):
-            if name_contains in (actor.get("repr_name") or actor["class_name"]) and actor.get("node_id") in names:
+        for actor in self._actors_named(name_contains):
+            if actor.get("node_id") in names:
                 counts[names[actor["node_id"]]] = counts.get(names[actor["node_id"]], 0) + 1
         return counts
 
     def alive_actors(self, name_contains: str) -> int:
         """How many actors whose name contains `name_contains` are alive anywhere in the cluster, head included."""
-        return sum(1 for actor in self._state("actors") if actor["state"] != "DEAD"
-                   and name_contains in (actor.get("repr_name") or actor["class_name"]))
+        return sum(1 for actor in self._actors_named(name_contains) if actor["state"] != "DEAD")
+
+    def _actors_named(self, name_contains: str) -> list[dict]:
+        return [actor for actor in self._state("actors")
+                if name_contains in (actor.get("repr_name") or actor["class_name"])]
 
     def _state(self, kind: str) -> list[dict]:
         request = urllib.request.Request(f"{self.dashboard}/api/v0/{kind}?limit=10000&detail=1",

@@ -23,10 +23,9 @@ def _run_stage(args: argparse.Namespace) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    with stage_log(None):
-        from orchestration.demo import DemoConfig, run_demo
+    from orchestration.demo import DemoConfig, run_demo
 
-        run_demo(load_config(DemoConfig, args.config, args.overrides))
+    run_demo(load_config(DemoConfig, args.config, args.overrides))  # run_demo quietens the console itself
 
 
 def _make_tiny_model(args: argparse.Namespace) -> None:

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from exvideo import write_tiny_animatediff, write_tiny_svd
+import exvideo
 from exvideo.config import StageConfig
 from exvideo.console import WORKFLOW_LOG, stage_log
 from orchestration.runner import StageRecord, format_summary, run_workflow
@@ -22,11 +22,12 @@ from preprocessing.synthetic import write_corpus
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO_SPEC = CONFIGS / "demo.yaml"
-# Per family: the spec the demo runs, its default workdir, and the tiny model it writes (folder, writer, name).
+# Per family: the spec the demo runs, its default workdir, and the tiny model it writes (folder, the exvideo
+# function writing it, name). The writer is looked up by name when it runs: reading a DemoConfig imports no torch.
 FAMILY_DEMOS = {
-    "svd": (DEMO_SPEC, Path("runs/demo"), "tiny-svd", write_tiny_svd, "SVD"),
+    "svd": (DEMO_SPEC, Path("runs/demo"), "tiny-svd", "write_tiny_svd", "SVD"),
     "animatediff": (CONFIGS / "demo_animatediff.yaml", Path("runs/demo-animatediff"), "tiny-animatediff",
-                    write_tiny_animatediff, "AnimateDiff"),
+                    "write_tiny_animatediff", "AnimateDiff"),
 }
 
 
@@ -50,13 +51,13 @@ class DemoConfig(StageConfig):
 
 def prepare_inputs(cfg: DemoConfig) -> tuple[Path, Path]:
     """Write the synthetic corpus and the tiny model unless a previous demo did; return (manifest, model)."""
-    _, _, folder, write_model, name = FAMILY_DEMOS[cfg.family]
+    _, _, folder, writer, name = FAMILY_DEMOS[cfg.family]
     manifest, model = cfg.resolved_workdir / "corpus" / "metadata.json", cfg.resolved_workdir / folder
     if not manifest.is_file():  # the corpus writer writes the manifest last
         write_corpus(manifest.parent, seed=cfg.seed)
         print(f"wrote a synthetic corpus (real mp4s, some deliberately broken): {manifest}")
     if not model.is_dir():
-        write_model(model, seed=cfg.seed)
+        getattr(exvideo, writer)(model, seed=cfg.seed)
         print(f"wrote a tiny random {name} checkpoint (diffusers format): {model}")
     return manifest, model
 
