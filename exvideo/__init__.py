@@ -15,6 +15,7 @@ The ground floor every other package builds on (none of it imports torch):
     exvideo.ray_setup   - the one Ray start-up every stage uses, and Ray Data in input order
     exvideo.console     - libraries' informational output to each stage's log file, a quiet console
     exvideo.families    - which model family (svd, animatediff) a checkpoint directory holds
+    exvideo.storage     - local paths vs URIs, inputs that must exist, output storage faults as clear errors
 """
 
 import importlib

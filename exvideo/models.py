@@ -24,6 +24,7 @@ from diffusers import (
 from safetensors.torch import load_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from exvideo.storage import require_dir
 from exvideo.unet import CONFIG_KEY, extend_unet
 
 COMPONENTS = ("unet", "vae", "image_encoder", "feature_extractor", "scheduler")
@@ -45,15 +46,6 @@ class SVDComponents:
         return StableVideoDiffusionPipeline(
             vae=self.vae, image_encoder=self.image_encoder, unet=self.unet,
             scheduler=self.scheduler, feature_extractor=self.feature_extractor,
-        )
-
-
-def require_dir(path: Path, what: str) -> None:
-    """Refuse a missing checkpoint directory, saying what to point at instead."""
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{what} directory {path} does not exist; point to a local diffusers-format checkpoint "
-            "(nothing is downloaded) or write a tiny one with `exvideo make-tiny-model DIR [--family ...]`"
         )
 
 

@@ -25,7 +25,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from exvideo.models import require_dir, write_directory_atomically
+from exvideo.models import write_directory_atomically
+from exvideo.storage import require_dir
 
 COMPONENTS = ("unet", "motion_adapter", "vae", "text_encoder", "tokenizer", "scheduler")
 

@@ -1,4 +1,7 @@
-"""Output storage faults as one clear error: a read-only folder, a full filesystem.
+"""Where data lives (a local path or a URI) and output storage faults as one clear error.
+
+`is_uri` tells a remote location (`s3://...`, `gs://...`, anything pyarrow's filesystems open) from a local path;
+`is_missing` and `require_dir` are how a command refuses a local input that is not there before it starts anything.
 
 A stage that writes its outputs checks the folder is writable before any work (`check_writable`), and wraps its
 writes in `storage_errors`, which turns the operating system's ENOSPC / EROFS / EACCES into a `StorageError` naming
@@ -17,6 +20,25 @@ from pathlib import Path
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def is_uri(location: str) -> bool:
+    """Whether `location` is a URI with a scheme (`s3://bucket/x`) rather than a local path."""
+    return "://" in location
+
+
+def is_missing(location: str | os.PathLike) -> bool:
+    """Whether a local path names nothing. A URI is never missing here: the stage that reads it opens it remotely."""
+    return not is_uri(str(location)) and not Path(location).exists()
+
+
+def require_dir(path: Path, what: str) -> None:
+    """Refuse a missing checkpoint directory, saying what to point at instead."""
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{what} directory {path} does not exist; point to a local diffusers-format checkpoint "
+            "(nothing is downloaded) or write a tiny one with `exvideo make-tiny-model DIR [--family ...]`"
+        )
 
 
 class StorageError(OSError):

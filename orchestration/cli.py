@@ -16,6 +16,7 @@ from orchestration.stages import STAGE, STAGES, resolve
 def _run_stage(args: argparse.Namespace) -> None:
     stage = STAGE[args.command]
     config = load_config(stage.config_class(), args.config, args.overrides)
+    stage.check_inputs_exist(config)
     with stage_log(getattr(config, stage.folder)):
         result = resolve(stage.entry)(config)
     if stage.summary:

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from exvideo.console import WORKFLOW_LOG, stage_log
+from exvideo.storage import is_missing, require_dir
 from orchestration.spec import WorkflowSpec
 from orchestration.stages import STAGE, StageRun
 
@@ -122,10 +123,8 @@ def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None 
 def check_inputs_exist(spec: WorkflowSpec) -> None:
     """Refuse a run whose model or local corpus is not there, before any folder is made. (Not at spec load: a spec
     submitted through the Jobs API names paths on the cluster, which the submitting machine may not have.)"""
-    if not spec.model.is_dir():
-        raise FileNotFoundError(f"model {spec.model} is not a directory; point the spec's model at a local "
-                                "diffusers-format checkpoint (`exvideo make-tiny-model DIR` writes a tiny one)")
-    if "://" not in spec.corpus and not Path(spec.corpus).exists():
+    require_dir(spec.model, "model")
+    if is_missing(spec.corpus):
         raise FileNotFoundError(f"corpus {spec.corpus} does not exist; point the spec's corpus at a video manifest "
                                 "or a folder of videos")
 

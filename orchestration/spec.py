@@ -18,6 +18,7 @@ from exvideo.config import (
     ConfigError, StageConfig, apply_override, default_tracking_uri, describe_errors, read_yaml_mapping,
 )
 from exvideo.families import checkpoint_family
+from exvideo.storage import is_uri
 from orchestration.stages import STAGE, STAGES
 
 
@@ -49,7 +50,7 @@ class WorkflowSpec(StageConfig):
     @field_validator("corpus")
     @classmethod
     def _absolute_local_corpus(cls, value: str) -> str:
-        return value if "://" in value else str(Path(value).resolve())
+        return value if is_uri(value) else str(Path(value).resolve())
 
     @field_validator("preprocess", "train", "generate", "evaluate", mode="before")
     @classmethod

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from exvideo.storage import is_missing
+
 if TYPE_CHECKING:
     from exvideo.config import StageConfig
     from orchestration.spec import WorkflowSpec
@@ -68,9 +70,19 @@ class Stage:
     summary: str | None = None  # "module:function" formatting `entry`'s result, when `entry` prints none itself
     optional: bool = False  # runs only when the spec has its section
     runner_keys: Mapping[str, Any] = field(default_factory=dict)  # section keys the runner reads, with defaults
+    local_inputs: tuple[str, ...] = ()  # config fields naming files or folders it reads (a URI is read remotely)
 
     def config_class(self) -> type[StageConfig]:
         return resolve(self.config)
+
+    def check_inputs_exist(self, config: StageConfig) -> None:
+        """Refuse a config naming a local input that is not there, before the stage makes a folder or starts Ray."""
+        for name in self.local_inputs:
+            value = getattr(config, name)
+            for location in value if isinstance(value, list) else [value]:
+                if location is not None and is_missing(location):
+                    about = type(config).model_fields[name].description
+                    raise FileNotFoundError(f"{name} {location} does not exist ({name}: {about or 'check the path'})")
 
     def operational_fields(self) -> frozenset[str]:
         """Fields that change how the stage runs, never what it writes: left out of its cache key."""
@@ -196,12 +208,14 @@ STAGES: tuple[Stage, ...] = (
           inputs=("corpus", "model"),
           wired={"input": PLACEHOLDER, "output": PLACEHOLDER, "model": PLACEHOLDER, "family": None,
                  "ray_address": None},
-          outputs=("shards", "samples", "failures"), run=run_preprocess, needs_ray=True, folder="output"),
+          outputs=("shards", "samples", "failures"), run=run_preprocess, needs_ray=True, folder="output",
+          local_inputs=("input", "model")),
     Stage("reshard", config="preprocessing.config:ReshardConfig", entry="preprocessing.reshard:run_reshard",
           summary="preprocessing.reshard:format_reshard_summary",
           help="filter, shuffle and rewrite a shard set into shards of a new size; required: input=SHARDS output=DIR",
           inputs=("preprocess",), wired={"input": PLACEHOLDER, "output": PLACEHOLDER, "ray_address": None},
-          outputs=("shards",), run=run_reshard, needs_ray=True, folder="output", optional=True),
+          outputs=("shards",), run=run_reshard, needs_ray=True, folder="output", optional=True,
+          local_inputs=("input", "keys_file")),
     Stage("train", config="pipelines.train.config:TrainConfig", entry="pipelines.train:run_training",
           help="post-tune the temporal modules on latent shards (Ray Train)",
           inputs=("model", "reshard|preprocess"),
@@ -209,7 +223,7 @@ STAGES: tuple[Stage, ...] = (
                  "name": "train",
                  "tracking_uri": None, "experiment": "workflow", "ray_address": None},
           outputs=("adapter", "run_dir", "steps", "final_loss"), run=run_train, needs_ray=True,
-          folder="storage_path"),
+          folder="storage_path", local_inputs=("svd_dir",)),
     Stage("generate", config="pipelines.generate.config:GenerateJobConfig", entry="pipelines.generate:run_generate_job",
           help="batch-generate long videos from a listing of images or prompts",
           inputs=("model", "preprocess", "train"),
@@ -218,12 +232,13 @@ STAGES: tuple[Stage, ...] = (
           outputs=("videos", "made", "failed"), run=run_generate, needs_ray=True, folder="output",
           # How many preprocessed corpus videos give their first frame (SVD) or caption (AnimateDiff) to generate
           # from (without an `input`).
-          runner_keys={"conditioning_videos": 2}),
+          runner_keys={"conditioning_videos": 2}, local_inputs=("input", "model", "adapter", "text_to_image")),
     Stage("evaluate", config="pipelines.evaluate.config:EvaluateConfig", entry="pipelines.evaluate.run:run_evaluation",
           help="metrics, an HTML report and MLflow runs for folders of generated videos",
           inputs=("model", "generate"),
           wired={"videos_dir": [PLACEHOLDER], "output_dir": PLACEHOLDER, "tracking_uri": None,
                  "experiment": "workflow", "parent_run_id": None},
-          outputs=("report", "videos_evaluated"), run=run_evaluate, needs_ray=False, folder="output_dir"),
+          outputs=("report", "videos_evaluated"), run=run_evaluate, needs_ray=False, folder="output_dir",
+          local_inputs=("videos_dir", "svd_dir", "fvd_reference_dir", "adapter")),
 )
 STAGE = {stage.name: stage for stage in STAGES}

@@ -26,6 +26,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from exvideo.ray_setup import node_id
 from exvideo.samples import ALL_ARRAYS, ClipRecord, LatentClip, encode_sample
+from exvideo.storage import require_dir
 from preprocessing.config import PreprocessConfig
 
 ENCODER_COMPONENTS = {"svd": ("vae", "image_encoder", "feature_extractor"),
@@ -39,6 +40,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def encoder_fingerprint(model: str | os.PathLike, family: str = "svd") -> str:
     """Hash of the family's encoder components' files (weights and configs): which encoder made a shard set."""
     model, components = Path(model), ENCODER_COMPONENTS[family]
+    require_dir(model, f"{family} checkpoint")
     missing = [c for c in components if not (model / c).is_dir()]
     if missing:
         raise FileNotFoundError(f"{family} checkpoint {model} lacks {missing}; preprocessing needs {components} "

@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from exvideo.storage import is_uri
 from preprocessing.ledger import Failure
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv"})
@@ -26,13 +27,13 @@ CAPTION_COLUMNS = ("caption", "cap", "text")
 
 def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
     """pyarrow filesystem and in-filesystem path of a local path or URI (relative local paths are resolved)."""
-    if "://" in uri:
+    if is_uri(uri):
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
 def _join(base_uri: str, entry: str) -> str:
-    if "://" in entry or posixpath.isabs(entry):
+    if is_uri(entry) or posixpath.isabs(entry):
         return entry
     return posixpath.join(base_uri, entry)
 
@@ -47,7 +48,7 @@ def read_sources(input_uri: str) -> tuple[list[dict], list[Failure]]:
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input {input_uri} does not exist; give a manifest file or a folder of videos")
-    base = input_uri if "://" in input_uri else path
+    base = input_uri if is_uri(input_uri) else path
     if info.type == pafs.FileType.Directory:
         return _folder_rows(fs, path, base), []
     table = _read_table(fs, path)

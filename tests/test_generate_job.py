@@ -130,7 +130,7 @@ def test_job_errors_name_the_bad_setting(job_inputs, tiny_svd_dir, capsys):
     assert _run(job_inputs, "--set", f"adapter={job_inputs['root'] / 'none.safetensors'}") == 2
     assert "none.safetensors does not exist" in capsys.readouterr().err
     assert _run(job_inputs, "--set", f"model={job_inputs['root'] / 'no-model'}") == 2
-    assert "is not a directory" in capsys.readouterr().err
+    assert f"model {job_inputs['root'] / 'no-model'} does not exist (model: local diffusers" in capsys.readouterr().err
 
 
 def test_csv_and_parquet_listings_read_alike(tmp_path, ray_local):

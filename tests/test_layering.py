@@ -105,14 +105,20 @@ def test_the_cli_refuses_a_bad_spec_or_a_missing_model_without_the_model_librari
     (tmp_path / "no-model.yaml").write_text(yaml.safe_dump({**spec, "model": str(tmp_path / "missing")}))
     commands = [["run", str(tmp_path / "bad.yaml")], ["run", str(tmp_path / "no-model.yaml")],
                 ["train", "--set", f"svd_dir={tmp_path}", "--set", "shards=x", "--set", "lr=-1"],
-                ["demo", "--set", f"workdir={tmp_path / 'work'}", "--set", "seed=-1"]]
+                ["demo", "--set", f"workdir={tmp_path / 'work'}", "--set", "seed=-1"],
+                ["preprocess", "--set", f"input={tmp_path / 'corpus.json'}", "--set", f"output={tmp_path / 'work'}",
+                 "--set", f"model={tmp_path / 'missing'}"],
+                ["generate", "--set", f"input={tmp_path / 'corpus.json'}", "--set", f"output={tmp_path / 'work'}",
+                 "--set", f"model={tmp_path}", "--set", f"adapter={tmp_path / 'none.safetensors'}"]]
     probe = (f"import sys\nfrom orchestration.cli import main\nfor argv in {commands!r}:\n    print(main(argv))\n"
              "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'mlflow', 'ray'}))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert done.stdout.split() == ["2", "2", "2", "2", "[]"], done.stdout + done.stderr
+    assert done.stdout.split() == ["2"] * len(commands) + ["[]"], done.stdout + done.stderr
     errors = done.stderr.splitlines()
     assert "train.max_steps: Input should be greater than or equal to 1 (got 0)" in errors[0]
-    assert f"model {tmp_path / 'missing'} is not a directory" in errors[1]
+    assert f"model directory {tmp_path / 'missing'} does not exist" in errors[1]
     assert "lr: Input should be greater than 0" in errors[2]
     assert "seed: Input should be greater than or equal to 0" in errors[3]
+    assert f"preprocess: error: model {tmp_path / 'missing'} does not exist (model: local" in errors[4]
+    assert f"generate: error: adapter {tmp_path / 'none.safetensors'} does not exist (adapter: " in errors[5]
     assert not (tmp_path / "work").exists()

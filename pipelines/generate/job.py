@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from exvideo import checkpoint_family
 from exvideo.speed_options import compiles_on
-from exvideo.storage import check_writable
+from exvideo.storage import check_writable, require_dir
 from exvideo.ray_setup import add_count, ensure_ray, format_per_node, node_id
 from pipelines.generate.config import GenerateJobConfig
 from pipelines.generate.frames import open_image
@@ -165,9 +165,7 @@ def run_generate_job(cfg: GenerateJobConfig) -> dict:
     """Run the job; write failures.jsonl and summary.json in the output folder and return the summary."""
     start = time.perf_counter()
     # Checked here so a bad path is one clear error, not a crash inside every actor.
-    if not cfg.model.is_dir():
-        raise FileNotFoundError(f"model {cfg.model} is not a directory; point it at a local diffusers SVD or "
-                                "AnimateDiff checkpoint")
+    require_dir(cfg.model, "model")
     family = checkpoint_family(cfg.model, cfg.family)
     check_family(cfg.params, family)
     if family == "animatediff" and cfg.text_to_image is not None:

@@ -21,6 +21,7 @@ import braceexpand
 import webdataset as wds
 
 from exvideo.samples import LatentClip, SampleFormatError, decode_sample
+from exvideo.storage import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def list_shards(spec: str) -> list[str]:
         shards = sorted(str(p) for p in path.glob("*.tar"))
     elif "{" in spec:
         shards = [s for s in braceexpand.braceexpand(spec)]
-        absent = [s for s in shards if "://" not in s and not Path(s).is_file()]
+        absent = [s for s in shards if not is_uri(s) and not Path(s).is_file()]
         if absent:
             raise FileNotFoundError(f"shards {absent[:3]} ({len(absent)} in all) of pattern {spec} do not exist")
     else:
