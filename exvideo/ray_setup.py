@@ -37,11 +37,19 @@ def ensure_ray(address: str | None = None) -> None:
     target = ray_target(address)
     # The hook lives in exvideo.console, which imports nothing: every Ray worker process runs it on start.
     runtime_env = {"worker_process_setup_hook": "exvideo.console.set_up_worker", "env_vars": worker_environment()}
+    # configure_logging=False: Ray's records go through Python logging. It also drops the "ray" logger's handlers
+    # (the console's and `stage_log`'s file), after which Ray's warnings would print bare and its other records
+    # vanish, so they are put back.
+    ray_logger = logging.getLogger("ray")
+    handlers = list(ray_logger.handlers)
     # The dashboard serves the state API, which Ray Train's placement-group cleaner polls every second until it
     # sees the training controller gone: without it the detached cleaner never learns and polls forever, one more
-    # busy actor per training run. configure_logging=False: Ray's records go through Python logging.
+    # busy actor per training run.
     ray.init(address=target, include_dashboard=True if target == "local" else None, runtime_env=runtime_env,
              configure_logging=False)
+    for handler in handlers:
+        if handler not in ray_logger.handlers:
+            ray_logger.addHandler(handler)
 
 
 @contextlib.contextmanager
