@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 
 import ray
@@ -42,6 +43,8 @@ def ensure_ray(address: str | None = None) -> None:
     # vanish, so they are put back.
     ray_logger = logging.getLogger("ray")
     handlers = list(ray_logger.handlers)
+    if not sys.stdout.isatty():  # the workers' lines go to a file or a pipe (a job's log): no colour codes in them
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     # The dashboard serves the state API, which Ray Train's placement-group cleaner polls every second until it
     # sees the training controller gone: without it the detached cleaner never learns and polls forever, one more
     # busy actor per training run.

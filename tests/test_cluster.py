@@ -135,6 +135,7 @@ def test_workflow_spreads_over_both_nodes_and_resumes_after_its_driver_is_killed
     assert min(resumed_steps(out)) == max(killed["registered"]), out[-4000:]
     # Quiet by default: Ray Train's per-report INFO lines (a logger named by file path, outside ray.train) stay out.
     assert "Reporting training result" not in out, out[-4000:]
+    assert "\x1b[" not in out  # the job's log is a file: the workers' lines carry no colour codes
     # Resumed, not restarted: the checkpoints the killed run registered are still the very same files.
     assert killed["saved"] and all(p.stat().st_mtime_ns == mtime for p, mtime in killed["saved"].items())
     assert json.loads((train / "train" / "result.json").read_text())["steps"] == STEPS
