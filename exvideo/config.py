@@ -9,7 +9,12 @@ changing an operational field reuses finished work and lets an unfinished run re
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+import textwrap
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -114,3 +119,67 @@ def describe_errors(exc: ValidationError, prefix: str = "") -> str:
         else:  # a check across fields: its message names them, and the input is the whole mapping
             problems.append(f"{prefix}: " * bool(prefix) + err["msg"].removeprefix("Value error, "))
     return "; ".join(problems)
+
+
+def field_table(cls: type[BaseModel], width: int = 100) -> str:
+    """Every field of a config for `--help`, nested ones dotted (`params.num_frames`): its type, its default (or
+    "required"), whether it is operational, and its description."""
+    lines = ["fields (--set NAME=VALUE, or NAME: VALUE in the --config YAML; [operational]: changes only how the stage",
+             "runs, so it is left out of the cache key and a finished stage is reused):"]
+    for name, annotation, default, about, is_operational in _fields(cls, "", False):
+        default_text = "(required)" if default is _REQUIRED else f"= {_as_yaml(default)}"
+        lines.append(f"  {name}: {_type_text(annotation)} {default_text}" + " [operational]" * is_operational)
+        if about:
+            lines.extend(textwrap.wrap(about, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(lines)
+
+
+_REQUIRED = object()
+
+
+def _fields(cls: type, prefix: str, inherited_operational: bool) -> typing.Iterator[tuple]:
+    """(dotted name, type, default or _REQUIRED, description, operational) of a pydantic model's or a dataclass's
+    fields, a nested config's fields in its place."""
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        entries = [(f.name, hints[f.name], _REQUIRED if f.default is dataclasses.MISSING else f.default, None, False)
+                   for f in dataclasses.fields(cls)]
+    else:
+        entries = [(name, info.annotation,
+                    _REQUIRED if info.is_required() else info.get_default(call_default_factory=True),
+                    info.description,
+                    isinstance(info.json_schema_extra, dict) and bool(info.json_schema_extra.get(OPERATIONAL)))
+                   for name, info in cls.model_fields.items()]
+    for name, annotation, default, about, is_operational in entries:
+        operational_here = inherited_operational or is_operational
+        nested = typing.get_origin(annotation) is None and isinstance(annotation, type) and (
+            issubclass(annotation, BaseModel) or dataclasses.is_dataclass(annotation))
+        if nested:
+            yield from _fields(annotation, f"{prefix}{name}.", operational_here)
+        else:
+            yield f"{prefix}{name}", annotation, default, about, operational_here
+
+
+def _type_text(annotation: Any) -> str:
+    """A field's type as a user reads it: `svd | animatediff | null`, `int`, `dict[int, str]`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(str(arg) for arg in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if arg is type(None) else _type_text(arg) for arg in args)
+    if isinstance(annotation, type) and not args:
+        return annotation.__name__
+    return re.sub(r"\b(typing|pathlib|collections\.abc)\.", "", str(annotation))
+
+
+def _as_yaml(value: Any) -> str:
+    """A default as it would be written in `--set` (null, true, [a, b], a plain path)."""
+    if value is None:
+        return "null"
+    if value == "":
+        return '""'
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_as_yaml(v) for v in value) + "]"
+    return str(value)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 
-from exvideo.config import ConfigError, load_config
+from exvideo.config import ConfigError, field_table, load_config
 from exvideo.console import VERBOSE_ENV, stage_log
 from exvideo.storage import StorageError
 from orchestration.stages import STAGE, STAGES, resolve
@@ -67,11 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also show Ray's, MLflow's and the model libraries' informational output (always kept "
                              "in each stage folder's stage.log)")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = ("demo", "run the main job on embedded defaults (tiny models, CPU)", _run_demo)
-    for name, help_text, func in (demo, *((stage.name, stage.help, _run_stage) for stage in STAGES)):
-        command = commands.add_parser(name, help=help_text,
-                                      description=f"{help_text}. Fields: see the config class; e.g. "
-                                                  f"exvideo {name} --config {name}.yaml --set key=value")
+    from orchestration.demo import DemoConfig
+
+    demo = ("demo", "run the main job on embedded defaults (tiny models, CPU)", DemoConfig, _run_demo)
+    stages = ((stage.name, stage.help, stage.config_class(), _run_stage) for stage in STAGES)
+    for name, help_text, config_class, func in (demo, *stages):
+        description = textwrap.fill(f"{help_text}. E.g. exvideo {name} --config {name}.yaml --set key=value", 100)
+        command = commands.add_parser(name, help=help_text, description=description,
+                                      epilog=field_table(config_class),
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_argument("--config", type=Path, help="YAML file with the config")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override one config field (repeatable; nested with dots: params.num_frames=48)")

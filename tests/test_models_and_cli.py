@@ -73,3 +73,30 @@ def test_config_overrides_and_precise_errors(tmp_path):
 def test_cli_reports_bad_config_without_traceback(capsys):
     assert main(["demo", "--set", "seed=-1"]) == 2
     assert "seed: Input should be greater than or equal to 0" in capsys.readouterr().err
+
+
+
+def test_each_command_help_lists_every_field_with_its_type_default_and_kind(capsys):
+    from pipelines.generate.config import GenerateJobConfig
+    from pipelines.generate.params import GenerationParams
+    from preprocessing.config import PreprocessConfig
+
+    def help_of(command: str) -> dict[str, str]:
+        """Field name -> its line in `exvideo <command> --help` (the description lines below it left out)."""
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        listed = capsys.readouterr().out.split("fields (", 1)[1].splitlines()
+        return {line.split(":")[0].strip(): line for line in listed if line.startswith("  ") and ": " in line
+                and not line.startswith("      ")}
+
+    generate = help_of("generate")
+    assert set(GenerateJobConfig.model_fields) - {"params", "speed"} <= set(generate)
+    assert {f"params.{name}" for name in GenerationParams.model_fields} <= set(generate)
+    assert {"speed.conv_layout", "speed.compile_blocks", "speed.batched_guidance"} <= set(generate)
+    assert generate["params.method"].endswith("exvideo | direct | chain | windows | naive | freenoise = exvideo")
+    assert generate["adapter"].endswith("adapter: Path | null = null")
+    operational = {name for name, line in generate.items() if line.endswith("[operational]")}
+    assert operational == {"workers", "device", "ray_address"} | {n for n in generate if n.startswith("speed.")}
+    preprocess = help_of("preprocess")
+    assert list(preprocess) == list(PreprocessConfig.model_fields)
+    assert preprocess["input"] == "  input: str (required)" and preprocess["num_frames"] == "  num_frames: int = 128"
