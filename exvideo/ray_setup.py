@@ -13,18 +13,32 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator
 
-import ray
-from ray.data import DataContext
-
 from exvideo.console import worker_environment
+
+# Ray is imported where it is used: the CLI checks a cluster address (`require_reachable`) before any library loads.
 
 
 def ray_target(address: str | None) -> str:
     """The address `ensure_ray` hands to `ray.init`: `address`, else `RAY_ADDRESS`, else "local" (a new Ray)."""
     return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def require_reachable(target: str, timeout_s: float = 10.0) -> None:
+    """Refuse a cluster address (`host:port`, `ray://host:port`) that nothing listens on, naming it: Ray itself
+    retries an unreachable GCS silently for many minutes. "local" and "auto" are left to Ray."""
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    if target in ("local", "auto") or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(f"no Ray cluster answers at {target} ({exc}); set ray_address to the head's GCS "
+                              "address (HEAD:6379, `ray status` on the head shows it) or ray://HEAD:10001, or leave it "
+                              "unset to start a local Ray") from None
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -33,9 +47,12 @@ def ensure_ray(address: str | None = None) -> None:
     Ray's informational lines go through Python logging (`exvideo.console.stage_log` files them), and the workers'
     output reaches this console after `exvideo.console.set_up_worker` has quietened the libraries in each worker.
     """
+    import ray
+
     if ray.is_initialized():
         return
     target = ray_target(address)
+    require_reachable(target)
     # The hook lives in exvideo.console, which imports nothing: every Ray worker process runs it on start.
     runtime_env = {"worker_process_setup_hook": "exvideo.console.set_up_worker", "env_vars": worker_environment()}
     # configure_logging=False: Ray's records go through Python logging. It also drops the "ray" logger's handlers
@@ -58,6 +75,8 @@ def ensure_ray(address: str | None = None) -> None:
 @contextlib.contextmanager
 def ordered_quiet_data(preserve_order: bool = True) -> Iterator[None]:
     """Ray Data keeps input order (shard layout depends on it) and leaves the progress display to our tqdm."""
+    from ray.data import DataContext
+
     context = DataContext.get_current()
     # Ray Data's bars are off on purpose (our tqdm shows the stage's progress): its warning saying so is not news.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
@@ -71,6 +90,8 @@ def ordered_quiet_data(preserve_order: bool = True) -> Iterator[None]:
 
 def node_id() -> str:
     """The Ray node this code runs on (hex id), or "" outside Ray: what per-node counts are keyed by."""
+    import ray
+
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 

@@ -17,7 +17,7 @@ from orchestration.stages import STAGE, STAGES, resolve
 def _run_stage(args: argparse.Namespace) -> None:
     stage = STAGE[args.command]
     config = load_config(stage.config_class(), args.config, args.overrides)
-    stage.check_inputs_exist(config)
+    stage.check_inputs(config)
     with stage_log(getattr(config, stage.folder)):
         result = resolve(stage.entry)(config)
     if stage.summary:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     # model libraries: a bad config or spec is refused at once, not after seconds of imports.
     try:
         return args.func(args) or 0
-    except (ConfigError, FileNotFoundError, FileExistsError, StorageError, ValueError) as exc:
+    except (ConfigError, ConnectionError, FileNotFoundError, FileExistsError, StorageError, ValueError) as exc:
         print(f"exvideo {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from exvideo.console import WORKFLOW_LOG, stage_log
+from exvideo.ray_setup import ray_target, require_reachable
 from exvideo.storage import is_missing, require_dir
 from orchestration.spec import WorkflowSpec
 from orchestration.stages import STAGE, StageRun
@@ -103,7 +104,7 @@ def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None 
     selected = select_stages(spec, start, only)
     keys = stage_keys(spec)
     records = [StageRecord(name, key, spec.workdir / f"{name}-{key}") for name, key in keys.items()]
-    check_inputs_exist(spec)
+    check_inputs(spec)
     spec.workdir.mkdir(parents=True, exist_ok=True)
     with stage_log(spec.workdir, WORKFLOW_LOG):
         from orchestration import tracking
@@ -120,13 +121,16 @@ def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None 
     return records
 
 
-def check_inputs_exist(spec: WorkflowSpec) -> None:
-    """Refuse a run whose model or local corpus is not there, before any folder is made. (Not at spec load: a spec
-    submitted through the Jobs API names paths on the cluster, which the submitting machine may not have.)"""
+def check_inputs(spec: WorkflowSpec) -> None:
+    """Refuse a run whose model or local corpus is not there, or whose Ray cluster does not answer, before any
+    folder is made. (Not at spec load: a spec submitted through the Jobs API names paths and an address on the
+    cluster, which the submitting machine may not have or reach.)"""
     require_dir(spec.model, "model")
     if is_missing(spec.corpus):
         raise FileNotFoundError(f"corpus {spec.corpus} does not exist; point the spec's corpus at a video manifest "
                                 "or a folder of videos")
+    if any(STAGE[stage].needs_ray for stage in spec.stages):
+        require_reachable(ray_target(spec.ray_address))
 
 
 def _run_records(spec: WorkflowSpec, records: list[StageRecord], selected: list[str], forcing: bool,

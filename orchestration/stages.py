@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from exvideo.ray_setup import ray_target, require_reachable
 from exvideo.storage import is_missing
 
 if TYPE_CHECKING:
@@ -75,8 +76,11 @@ class Stage:
     def config_class(self) -> type[StageConfig]:
         return resolve(self.config)
 
-    def check_inputs_exist(self, config: StageConfig) -> None:
-        """Refuse a config naming a local input that is not there, before the stage makes a folder or starts Ray."""
+    def check_inputs(self, config: StageConfig) -> None:
+        """Refuse a config naming a local input that is not there, or a Ray cluster that does not answer, before the
+        stage makes a folder or starts Ray."""
+        if self.needs_ray:
+            require_reachable(ray_target(config.ray_address))
         for name in self.local_inputs:
             value = getattr(config, name)
             for location in value if isinstance(value, list) else [value]:

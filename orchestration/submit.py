@@ -44,7 +44,12 @@ def submit_workflow(spec: WorkflowSpec, address: str, stage_args: list[str]) -> 
     runs, and return its final status (SUCCEEDED, FAILED or STOPPED)."""
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(address)
+    try:
+        client = JobSubmissionClient(address)
+    except ConnectionError as exc:
+        raise ConnectionError(f"cannot reach a Ray Jobs API at {address} ({exc}); give the head's dashboard "
+                              "address (http://HEAD:8265), and check the cluster is up (`ray status` on the head)"
+                              ) from None
     with tempfile.TemporaryDirectory(prefix="exvideo-job-") as folder:
         resolved = spec.model_dump(mode="json", exclude_none=True)
         (Path(folder) / SPEC_NAME).write_text(yaml.safe_dump(resolved, sort_keys=False))

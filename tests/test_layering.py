@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from exvideo.local_cluster import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = {"exvideo": 0, "preprocessing": 1, "pipelines": 1, "orchestration": 2, "experiments": 3, "benchmarks": 3}
 
@@ -94,8 +96,9 @@ def test_reading_a_config_imports_neither_torch_nor_mlflow():
 
 
 def test_the_cli_refuses_a_bad_spec_or_a_missing_model_without_the_model_libraries(tmp_path):
-    """`exvideo run`, a stage command and the demo refuse what they can check in their config before they import torch,
-    diffusers or MLflow (seconds on a small machine), and make no folder for a run they refuse."""
+    """`exvideo run`, a stage command and the demo refuse what they can check in their config (a bad value, a missing
+    input, a Ray cluster that does not answer) before they import torch, diffusers, MLflow or Ray (seconds on a small
+    machine), and make no folder for a run they refuse."""
     import subprocess
     import sys
 
@@ -103,13 +106,18 @@ def test_the_cli_refuses_a_bad_spec_or_a_missing_model_without_the_model_librari
     spec = {"workdir": str(tmp_path / "work"), "corpus": str(tmp_path / "corpus.json")}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, "model": str(tmp_path), "train": {"max_steps": 0}}))
     (tmp_path / "no-model.yaml").write_text(yaml.safe_dump({**spec, "model": str(tmp_path / "missing")}))
+    nobody = f"127.0.0.1:{free_port()}"  # a port nothing listens on: no cluster answers there
+    (tmp_path / "no-cluster.yaml").write_text(yaml.safe_dump({**spec, "model": str(tmp_path), "ray_address": nobody}))
     commands = [["run", str(tmp_path / "bad.yaml")], ["run", str(tmp_path / "no-model.yaml")],
                 ["train", "--set", f"svd_dir={tmp_path}", "--set", "shards=x", "--set", "lr=-1"],
                 ["demo", "--set", f"workdir={tmp_path / 'work'}", "--set", "seed=-1"],
                 ["preprocess", "--set", f"input={tmp_path / 'corpus.json'}", "--set", f"output={tmp_path / 'work'}",
                  "--set", f"model={tmp_path / 'missing'}"],
                 ["generate", "--set", f"input={tmp_path / 'corpus.json'}", "--set", f"output={tmp_path / 'work'}",
-                 "--set", f"model={tmp_path}", "--set", f"adapter={tmp_path / 'none.safetensors'}"]]
+                 "--set", f"model={tmp_path}", "--set", f"adapter={tmp_path / 'none.safetensors'}"],
+                ["run", str(tmp_path / "no-cluster.yaml")],
+                ["train", "--set", f"svd_dir={tmp_path}", "--set", "shards=x", "--set", f"ray_address=ray://{nobody}",
+                 "--set", f"storage_path={tmp_path / 'work'}"]]
     probe = (f"import sys\nfrom orchestration.cli import main\nfor argv in {commands!r}:\n    print(main(argv))\n"
              "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'mlflow', 'ray'}))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -121,4 +129,6 @@ def test_the_cli_refuses_a_bad_spec_or_a_missing_model_without_the_model_librari
     assert "seed: Input should be greater than or equal to 0" in errors[3]
     assert f"preprocess: error: model {tmp_path / 'missing'} does not exist (model: local" in errors[4]
     assert f"generate: error: adapter {tmp_path / 'none.safetensors'} does not exist (adapter: " in errors[5]
+    assert f"run: error: no Ray cluster answers at {nobody} (" in errors[6]
+    assert f"train: error: no Ray cluster answers at ray://{nobody} (" in errors[7]
     assert not (tmp_path / "work").exists()
