@@ -121,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ConnectionError, FileNotFoundError, FileExistsError, StorageError, ValueError) as exc:
         print(f"exvideo {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        said = f" ({exc})" if str(exc) else ""
+        print(f"exvideo {args.command}: interrupted{said}. What finished is kept: rerun the same command to go on.",
+              file=sys.stderr)
+        return 130  # the shell's code for a command ended by Ctrl-C
 
 
 if __name__ == "__main__":

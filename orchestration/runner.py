@@ -114,8 +114,9 @@ def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None 
               f"{spec.resolved_tracking_uri}")
         try:
             _run_records(spec, records, selected, bool(start or only), only, parent)
-        except BaseException:
-            tracking.end_workflow_run(spec, parent, records, "FAILED")
+        except BaseException as exc:
+            stopped = isinstance(exc, KeyboardInterrupt)  # Ctrl-C: MLflow's status for a run ended by its user
+            tracking.end_workflow_run(spec, parent, records, "KILLED" if stopped else "FAILED")
             raise
         tracking.end_workflow_run(spec, parent, records, "FINISHED")
     return records
@@ -171,8 +172,8 @@ def _execute(spec: WorkflowSpec, record: StageRecord, upstream: dict[str, dict],
             if stage.needs_ray:
                 ensure_ray(spec.ray_address)  # started on first need: a run with nothing to do never starts Ray
             record.outputs, run_id, lineage = stage.run(StageRun(spec, record.folder, upstream, parent_run_id))
-    except BaseException:
-        record.status = "failed"
+    except BaseException as exc:
+        record.status = "stopped" if isinstance(exc, KeyboardInterrupt) else "failed"
         raise
     missing = set(stage.outputs) - set(record.outputs)
     if missing:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -152,7 +156,9 @@ def test_stopped_then_killed_run_resumes_exactly(straight, tmp_path):
     cfg, straight_result = straight
     pieces = cfg.model_copy(update={"storage_path": tmp_path / "runs", "name": "pieces", "checkpoint_every": 3,
                                     "tracking_uri": None, "max_failures": 1})
+    ctrl_c = signal.getsignal(signal.SIGINT)
     assert run_training(pieces.model_copy(update={"max_steps": 6})).steps == 6
+    assert signal.getsignal(signal.SIGINT) is ctrl_c  # Ray Train's Ctrl-C handler does not outlive its run
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("result", run_training(pieces)))
     thread.start()
@@ -189,3 +195,29 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, tiny_svd_dir, ray_local
     with pytest.raises(Exception, match="2 consecutive steps had a non-finite loss"):
         run_training(config(tmp_path, tiny_svd_dir, tmp_path / "nan", name="nan", max_steps=5, max_nonfinite=2,
                             max_failures=0))
+
+
+def test_ctrl_c_stops_training_with_a_message_and_its_registered_checkpoints(tmp_path, tiny_svd_dir):
+    """Ctrl-C in `exvideo train`: Ray Train aborts the run and would leave silently with exit code 1; the command
+    says it was interrupted and how to go on, and exits 130 as the shell's commands do, the checkpoints kept."""
+    write_shards(tmp_path / "shards", num_shards=1, per_shard=4)
+    run_dir = tmp_path / "runs" / "exvideo"
+    fields = (f"svd_dir={tiny_svd_dir}", f"shards={tmp_path / 'shards'}", f"storage_path={tmp_path / 'runs'}",
+              "num_frames=16", "max_steps=1000", "checkpoint_every=2", "gradient_checkpointing=false")
+    process = subprocess.Popen([str(Path(sys.executable).parent / "exvideo"), "train",
+                                *(arg for field in fields for arg in ("--set", field))],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        deadline = time.monotonic() + 300
+        while not (snapshot.is_file() and "checkpoint-" in snapshot.read_text()):
+            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint registered"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, out[-2000:] + err[-2000:]
+    assert (f"exvideo train: interrupted (training stopped; a rerun resumes from the latest checkpoint it registered "
+            f"in {run_dir}). What finished is kept: rerun the same command to go on.") in err
+    assert list(run_dir.glob("checkpoint-*")) and not (run_dir / "result.json").exists()

@@ -78,6 +78,26 @@ def test_spec_reads_config_files_and_reports_bad_files(tmp_path, capsys):
         select_stages(spec, None, "deploy")
 
 
+def test_ctrl_c_ends_the_workflow_run_killed_and_the_command_with_130(tmp_path, tiny_svd_dir, monkeypatch, capsys):
+    import dataclasses
+
+    from orchestration import runner
+
+    def ctrl_c(run):  # as if the user pressed Ctrl-C while preprocess ran
+        raise KeyboardInterrupt
+    monkeypatch.setitem(runner.STAGE, "preprocess", dataclasses.replace(runner.STAGE["preprocess"], run=ctrl_c,
+                                                                          needs_ray=False))
+    corpus = tmp_path / "corpus.json"
+    corpus.write_text("[]")
+    spec = write_spec(tmp_path / "spec.yaml", spec_data(tmp_path, corpus, tiny_svd_dir))
+    assert main(["run", str(spec)]) == 130
+    said = capsys.readouterr().err
+    assert "exvideo run: interrupted. What finished is kept: rerun the same command to go on." in said
+    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED" and run.data.tags["stage.preprocess"].startswith("stopped: ")
+
+
 # -- cache keys: operational fields are not part of them --------------------------------------------------------
 
 OPERATIONAL_CHANGES = {

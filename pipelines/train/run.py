@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,6 +99,25 @@ def check_replicas(checkpoint_dir: Path, num_workers: int) -> list[dict]:
     return records
 
 
+def _fit_interruptibly(trainer: TorchTrainer, cfg: TrainConfig):
+    """`trainer.fit()`, with Ctrl-C an interruption that says how to go on rather than a silent exit.
+
+    Ray Train answers Ctrl-C by aborting the run (its workers stop, the registered checkpoints stay) and then leaves
+    by SystemExit, with no message, from inside `ray.get`; its handler also stays installed, so a later Ctrl-C in
+    the same process (the next stage of a workflow) would abort a run long gone. Both undone here.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    try:
+        return trainer.fit()
+    except SystemExit:
+        raise KeyboardInterrupt(f"training stopped; a rerun resumes from the latest checkpoint it registered in "
+                                f"{cfg.run_dir}") from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, handler)
+
+
 def run_training(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) the run `cfg.storage_path / cfg.name`; return where its outputs are."""
     shards = list_shards(cfg.shards)  # fail before starting workers if there is nothing to read
@@ -138,7 +159,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )
-    result = trainer.fit()
+    result = _fit_interruptibly(trainer, cfg)
     checkpoint_dir = Path(result.checkpoint.path)
     state = json.loads((checkpoint_dir / STATE).read_text())
     check_replicas(checkpoint_dir, cfg.num_workers)
