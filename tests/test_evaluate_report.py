@@ -3,6 +3,8 @@ screenshot), and the stage run, its nested per-video runs, metrics, curves and a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import shutil
 import subprocess
@@ -31,9 +33,13 @@ def evaluated(tmp_path_factory, tiny_svd_dir):
     write_generated(run_b, "pan-b", translating_video(1, 0, FRAMES), method="exvideo")
     (run_b / "stray.mp4").write_bytes(b"not a video")  # no record: reported, not evaluated
     output = root / "out"
-    code = main(["evaluate", "--set", f"videos_dir=[{run_a}, {run_b}]", "--set", f"output_dir={output}",
-                 "--set", f"svd_dir={tiny_svd_dir}", "--set", "contact_sheet_frames=6"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["evaluate", "--set", f"videos_dir=[{run_a}, {run_b}]", "--set", f"output_dir={output}",
+                     "--set", f"svd_dir={tiny_svd_dir}", "--set", "contact_sheet_frames=6"])
     assert code == 0
+    # The console names each skipped input with its reason, as the report does.
+    assert f"  skipped {run_b / 'stray.mp4'}: no record stray.json" in printed.getvalue(), printed.getvalue()
     return output
 
 

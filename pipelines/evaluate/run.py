@@ -30,6 +30,8 @@ from pipelines.evaluate.report import (
 from pipelines.evaluate.video_model import log_video_model
 from pipelines.evaluate.videos import GeneratedVideo, Skipped, decode, find_videos, load_conditioning, read_frames
 
+SKIPS_SHOWN = 10  # skipped inputs named on the console; the report names them all
+
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
@@ -129,6 +131,10 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     outcome["tracking_uri"] = tracking_uri
     print(f"evaluated {len(outcome['results'])} videos in {len(outcome['groups'])} run/method groups, skipped "
           f"{len(skipped)}; report {outcome['report']}; MLflow run {outcome['run_id']} at {tracking_uri}")
+    for skip in skipped[:SKIPS_SHOWN]:
+        print(f"  skipped {skip.path}: {skip.reason}")
+    if len(skipped) > SKIPS_SHOWN:
+        print(f"  ... and {len(skipped) - SKIPS_SHOWN} more skipped, each with its reason in the report")
     for group in outcome["groups"]:
         print(f"  {group.run} / {group.method}: {group.count} videos, flicker {group.means['flicker']:.4f}, "
               f"motion {group.means['motion']:.2f} px/frame, contrast last/first "
