@@ -115,6 +115,10 @@ def run_reshard(run: StageRun) -> Outcome:
     source = Path(run.upstream["preprocess"]["shards"]).parent
     summary = reshard(run.config("reshard", input=source, output=run.folder, ray_address=run.spec.ray_address))
     print(format_reshard_summary(summary))
+    counts = summary["counts"]
+    if not counts["kept"]:  # train would fail on an empty shard set, one stage later and less clearly
+        raise ValueError(f"reshard kept none of its {counts['input']} samples (filtered by reason: "
+                         f"{counts['filtered_by_reason']}); loosen the reshard section's filters")
     return {"shards": str(run.folder / "shards")}, None, {"lineage.input_shards": str(source)}
 
 

@@ -229,6 +229,19 @@ def test_reshard_without_filters_keeps_every_sample(preprocessed, tmp_path):
         assert all(m.mtime == 0 for m in tar)
 
 
+def test_a_workflow_reshard_that_keeps_nothing_stops_there_naming_the_filters(preprocessed, tiny_svd_dir, tmp_path):
+    from orchestration.spec import validate_spec
+    from orchestration.stages import StageRun, run_reshard as run_reshard_stage
+
+    cfg, _ = preprocessed
+    (tmp_path / "keys.txt").write_text("no-such-key\n")
+    spec = validate_spec({"workdir": str(tmp_path / "work"), "corpus": cfg.input, "model": str(tiny_svd_dir),
+                          "reshard": {"keys_file": str(tmp_path / "keys.txt"), "progress": False}})
+    run = StageRun(spec, tmp_path / "work" / "reshard", {"preprocess": {"shards": str(cfg.output / "shards")}}, "")
+    with pytest.raises(ValueError, match=r"reshard kept none of its \d+ samples \(filtered by reason: "
+                                         r"\{'key_list': \d+\}\); loosen the reshard section's filters"):
+        run_reshard_stage(run)
+
 def test_cli_makes_a_corpus_and_refuses_a_foreign_output(preprocessed, tmp_path, capsys):
     from orchestration.cli import main
 
