@@ -190,6 +190,16 @@ def test_stopped_then_killed_run_resumes_exactly(straight, tmp_path):
     assert run_training(pieces) == resumed
 
 
+def test_a_worker_group_larger_than_the_local_ray_is_refused_before_the_run_starts(tmp_path, tiny_svd_dir,
+                                                                                    ray_local):
+    write_shards(tmp_path / "s", num_shards=1, per_shard=2)
+    cfg = config(tmp_path, tiny_svd_dir, tmp_path / "s", num_workers=3)  # the session's Ray has 2 CPUs
+    with pytest.raises(ValueError, match=r"training needs 3 CPU \(the cluster has 2\) for num_workers 3 x "
+                                         r"cpus_per_worker 1, more than this machine's Ray will ever have"):
+        run_training(cfg)
+    assert not cfg.run_dir.exists()  # no MLflow run, no run folder
+
+
 def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, tiny_svd_dir, ray_local):
     write_shards(tmp_path / "nan", num_shards=1, per_shard=2, nan_keys=("clip000_000", "clip000_001"))
     with pytest.raises(Exception, match="2 consecutive steps had a non-finite loss"):

@@ -19,7 +19,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from exvideo.console import verbose
-from exvideo.ray_setup import ensure_ray, format_per_node
+from exvideo.ray_setup import ensure_ray, format_per_node, ray_target
 from exvideo.storage import check_writable
 from exvideo.tracking import experiment_id_for
 from pipelines.train.config import TrainConfig
@@ -99,6 +99,27 @@ def check_replicas(checkpoint_dir: Path, num_workers: int) -> list[dict]:
     return records
 
 
+def check_capacity(cfg: TrainConfig) -> None:
+    """Refuse a worker group that a local Ray can never hold; on a cluster, say what the start waits for.
+
+    Ray Train waits without a word for room for every worker (a minute per attempt, `max_failures` + 1 attempts):
+    right on a cluster that grows (an autoscaler, a replaced node), minutes lost on a local Ray of fixed size.
+    """
+    import ray
+
+    needed = {"CPU": cfg.num_workers * cfg.cpus_per_worker, "GPU": cfg.num_workers if cfg.use_gpu else 0}
+    available = ray.cluster_resources()
+    short = ", ".join(f"{amount:g} {kind} (the cluster has {available.get(kind, 0):g})"
+                      for kind, amount in needed.items() if amount > available.get(kind, 0))
+    if not short:
+        return
+    asked = f"num_workers {cfg.num_workers} x cpus_per_worker {cfg.cpus_per_worker:g}" + ", use_gpu" * cfg.use_gpu
+    if ray_target(cfg.ray_address) == "local":
+        raise ValueError(f"training needs {short} for {asked}, more than this machine's Ray will ever have: lower "
+                         "them, or set ray_address to a larger cluster")
+    print(f"waiting for room: training needs {short} for {asked}; Ray Train starts the workers once nodes join")
+
+
 def _fit_interruptibly(trainer: TorchTrainer, cfg: TrainConfig):
     """`trainer.fit()`, with Ctrl-C an interruption that says how to go on rather than a silent exit.
 
@@ -139,9 +160,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                   f"nothing to do; adapter {previous.adapter}")
             return previous
     check_writable(cfg.storage_path)  # checkpoints go there: a read-only folder fails now, not after the first steps
+    ensure_ray(cfg.ray_address)
+    check_capacity(cfg)
     run_id = _mlflow_run(cfg)
     print(f"training run {cfg.run_dir} on {len(shards)} shards; MLflow run {run_id} at {cfg.resolved_tracking_uri}")
-    ensure_ray(cfg.ray_address)
     # Ray Train would otherwise send every print of a worker both to its stdout and through its logger, and both
     # reach this console: one line per training log step, not two. Ray Train passes the variable to its workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
