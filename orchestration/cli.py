@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
-from exvideo.config import ConfigError, field_table, load_config
+from exvideo.config import ConfigError, StageConfig, field_table, load_config
 from exvideo.console import VERBOSE_ENV, stage_log
 from exvideo.storage import StorageError
 from orchestration.stages import STAGE, STAGES, resolve
@@ -62,21 +64,32 @@ def _run_workflow(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser whose help ends with its config's fields. The table is made only when the help is shown:
+    made at every start, it would import every config module, and the demo's numpy, for nothing."""
+
+    config_class: Callable[[], type[StageConfig]] | None = None
+
+    def format_help(self) -> str:
+        if self.config_class is not None:
+            self.epilog = field_table(self.config_class())
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exvideo", description=__doc__)
     parser.add_argument("--verbose", action="store_true",
                         help="also show Ray's, MLflow's and the model libraries' informational output (always kept "
                              "in each stage folder's stage.log)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    from orchestration.demo import DemoConfig
-
-    demo = ("demo", "run the main job on embedded defaults (tiny models, CPU)", DemoConfig, _run_demo)
-    stages = ((stage.name, stage.help, stage.config_class(), _run_stage) for stage in STAGES)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
+    demo = ("demo", "run the main job on embedded defaults (tiny models, CPU)",
+            functools.partial(resolve, "orchestration.demo:DemoConfig"), _run_demo)
+    stages = ((stage.name, stage.help, stage.config_class, _run_stage) for stage in STAGES)
     for name, help_text, config_class, func in (demo, *stages):
         description = textwrap.fill(f"{help_text}. E.g. exvideo {name} --config {name}.yaml --set key=value", 100)
         command = commands.add_parser(name, help=help_text, description=description,
-                                      epilog=field_table(config_class),
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.config_class = config_class
         command.add_argument("--config", type=Path, help="YAML file with the config")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override one config field (repeatable; nested with dots: params.num_frames=48)")
