@@ -3,6 +3,9 @@
 `is_uri` tells a remote location (`s3://...`, `gs://...`, anything pyarrow's filesystems open) from a local path;
 `is_missing` and `require_dir` are how a command refuses a local input that is not there before it starts anything.
 
+A command holds each folder it writes for as long as it runs (`hold_folder`): a second command on the same folder (a
+scheduler firing twice) is refused rather than both writing the same files.
+
 A stage that writes its outputs checks the folder is writable before any work (`check_writable`), and wraps its
 writes in `storage_errors`, which turns the operating system's ENOSPC / EROFS / EACCES into a `StorageError` naming
 the folder, the free space and what to do. The stages write through temporary names and commit records, so after
@@ -13,13 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
+import socket
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+LOCK = ".exvideo.lock"  # in a folder a command writes: names the command holding it
 
 
 def is_uri(location: str) -> bool:
@@ -63,6 +70,33 @@ def check_writable(folder: str | os.PathLike) -> None:
         probe = folder / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+
+
+@contextlib.contextmanager
+def hold_folder(folder: str | os.PathLike, holder: str) -> Iterator[None]:
+    """Check `folder` is writable (creating it), then hold it for `holder` (e.g. "exvideo preprocess") while the
+    block runs.
+
+    If another process holds it, raise FileExistsError naming that holder, its pid, host and start time. The kernel
+    drops the lock with its process, so a killed command never leaves a stale one. A URI is not held: a remote store
+    has no such lock.
+    """
+    if is_uri(str(folder)):
+        yield
+        return
+    check_writable(folder)
+    with open(Path(folder) / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise FileExistsError(f"{folder} is in use by {handle.read().strip() or 'another command'}; wait for it "
+                                  "to end, or give this command another folder") from None
+        handle.truncate(0)
+        handle.write(f"{holder} (pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{datetime.now(timezone.utc).isoformat(timespec='seconds')})")
+        handle.flush()
+        yield
 
 
 def as_storage_error(exc: OSError, folder: str | os.PathLike, what: str, needed_bytes: int | None = None) -> OSError:

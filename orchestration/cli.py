@@ -12,7 +12,7 @@ from pathlib import Path
 
 from exvideo.config import ConfigError, StageConfig, field_table, load_config
 from exvideo.console import VERBOSE_ENV, stage_log
-from exvideo.storage import StorageError
+from exvideo.storage import StorageError, hold_folder
 from orchestration.stages import STAGE, STAGES, resolve
 
 
@@ -20,7 +20,8 @@ def _run_stage(args: argparse.Namespace) -> None:
     stage = STAGE[args.command]
     config = load_config(stage.config_class(), args.config, args.overrides)
     stage.check_inputs(config)
-    with stage_log(getattr(config, stage.folder)):
+    folder = getattr(config, stage.folder)
+    with hold_folder(folder, f"exvideo {stage.name}"), stage_log(folder):
         result = resolve(stage.entry)(config)
     if stage.summary:
         print(resolve(stage.summary)(result))

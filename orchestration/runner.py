@@ -15,26 +15,20 @@ that ran, carrying lineage tags (the shards that trained an adapter, the adapter
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
-import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from exvideo.console import WORKFLOW_LOG, stage_log
 from exvideo.ray_setup import ray_target, require_reachable
-from exvideo.storage import is_missing, require_dir
+from exvideo.storage import hold_folder, is_missing, require_dir
 from orchestration.spec import WorkflowSpec
 from orchestration.stages import STAGE, StageRun
 
 MARKER = "_complete.json"
-LOCK = ".exvideo.lock"  # in the workdir: held by the invocation running it
 
 
 @dataclass
@@ -111,8 +105,7 @@ def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None 
     keys = stage_keys(spec)
     records = [StageRecord(name, key, spec.workdir / f"{name}-{key}") for name, key in keys.items()]
     check_inputs(spec)
-    spec.workdir.mkdir(parents=True, exist_ok=True)
-    with workdir_lock(spec.workdir), stage_log(spec.workdir, WORKFLOW_LOG):
+    with hold_folder(spec.workdir, "exvideo run"), stage_log(spec.workdir, WORKFLOW_LOG):
         from orchestration import tracking
 
         parent = tracking.start_workflow_run(spec, keys, spec_path)
@@ -126,25 +119,6 @@ def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None 
             raise
         tracking.end_workflow_run(spec, parent, records, "FINISHED")
     return records
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: Path) -> Iterator[None]:
-    """Hold the workdir for one invocation. A second `exvideo run` on it (a scheduler firing twice) is refused, rather
-    than both writing the same stage folders; the lock goes with the process however it ends, so none is ever stale.
-    """
-    with open(workdir / LOCK, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise FileExistsError(f"workdir {workdir} is in use by another exvideo run ({handle.read().strip()}); "
-                                  "wait for it to end, or give this run another workdir") from None
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                     f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}")
-        handle.flush()
-        yield
 
 
 def check_inputs(spec: WorkflowSpec) -> None:
@@ -193,7 +167,7 @@ def _execute(spec: WorkflowSpec, record: StageRecord, upstream: dict[str, dict],
     stage = STAGE[record.name]
     started = time.perf_counter()
     try:
-        with stage_log(record.folder):
+        with hold_folder(record.folder, f"the {record.name} stage of exvideo run"), stage_log(record.folder):
             if stage.needs_ray:
                 ensure_ray(spec.ray_address)  # started on first need: a run with nothing to do never starts Ray
             record.outputs, run_id, lineage = stage.run(StageRun(spec, record.folder, upstream, parent_run_id))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from exvideo.console import STAGE_LOG
+from exvideo.storage import LOCK
 from preprocessing.shards import write_atomic
 
 
@@ -22,8 +23,8 @@ def claim_output(folder: Path, manifest_name: str, identity: dict) -> None:
     folder = Path(folder)
     path = folder / manifest_name
     if not path.is_file():
-        # The stage's own log (exvideo.console) may be there already: it is not output.
-        if folder.is_dir() and any(entry.name != STAGE_LOG for entry in folder.iterdir()):
+        # The stage's own log (exvideo.console) and the lock of the command running it may be there: not output.
+        if folder.is_dir() and any(entry.name not in (STAGE_LOG, LOCK) for entry in folder.iterdir()):
             raise OutputMismatchError(f"output {folder} is not empty and holds no {manifest_name}; "
                                       "give an empty or new folder")
         return

@@ -2,7 +2,8 @@
 
 A full disk stops preprocessing with a StorageError naming the folder and the free space; nothing partial is left
 under a final name; after space is freed the same command resumes and ends with exactly the samples of an
-undisturbed run. A read-only folder is refused before any work.
+undisturbed run. A read-only folder is refused before any work, by every stage command; so is a folder another
+command holds.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from exvideo.storage import StorageError
+from exvideo.storage import LOCK, StorageError, hold_folder
+from orchestration.cli import main
+from orchestration.stages import STAGES
 from preprocessing.config import PreprocessConfig
 from preprocessing.run import run_preprocess
 from preprocessing.shards import sample_digests
@@ -74,3 +77,37 @@ def test_a_read_only_output_is_refused_before_any_work(small_disk, synthetic_cor
     with pytest.raises(StorageError, match=rf"could not create files in {small_disk / 'out'}: read-only file "
                                            r"system .*Make the folder writable or choose another output folder"):
         run_preprocess(config(small_disk / "out", synthetic_corpus, tiny_svd_dir))
+
+
+def stage_settings(stage: str, output: Path, tmp_path: Path, corpus: Path, model: Path) -> list[str]:
+    """`--set` arguments of a valid config for `stage`, writing to `output`; every local input exists."""
+    listing = tmp_path / "rows.jsonl"
+    listing.write_text("")
+    fields = {"preprocess": {"input": corpus, "model": model, "output": output},
+              "reshard": {"input": tmp_path, "output": output},
+              "train": {"svd_dir": model, "shards": tmp_path, "storage_path": output},
+              "generate": {"input": listing, "model": model, "output": output},
+              "evaluate": {"videos_dir": f"[{tmp_path}]", "output_dir": output}}[stage]
+    return [f"--set={name}={value}" for name, value in fields.items()]
+
+
+@pytest.mark.parametrize("stage", [stage.name for stage in STAGES])
+def test_every_stage_command_refuses_a_read_only_output_at_once(stage, small_disk, tmp_path, synthetic_corpus,
+                                                                 tiny_svd_dir, capsys):
+    remount(small_disk, "ro")
+    output = small_disk / "out"
+    assert main([stage, *stage_settings(stage, output, tmp_path, synthetic_corpus, tiny_svd_dir)]) == 2
+    assert capsys.readouterr().err == (f"exvideo {stage}: error: could not create files in {output}: read-only file "
+                                       f"system ({output}). Make the folder writable or choose another output folder\n")
+
+
+@pytest.mark.parametrize("stage", [stage.name for stage in STAGES])
+def test_a_stage_command_on_a_folder_another_command_holds_is_refused(stage, tmp_path, synthetic_corpus,
+                                                                      tiny_svd_dir, capsys):
+    output = tmp_path / "out"
+    with hold_folder(output, "exvideo preprocess"):  # as another process running on it would
+        assert main([stage, *stage_settings(stage, output, tmp_path, synthetic_corpus, tiny_svd_dir)]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith(f"exvideo {stage}: error: {output} is in use by exvideo preprocess (pid {os.getpid()} on ")
+    assert said.endswith("; wait for it to end, or give this command another folder\n")
+    assert [p.name for p in output.iterdir()] == [LOCK]  # nothing else made

@@ -101,17 +101,16 @@ def test_ctrl_c_ends_the_workflow_run_killed_and_the_command_with_130(tmp_path, 
 def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(tmp_path, tiny_svd_dir, capsys):
     import os
 
-    from orchestration.runner import workdir_lock
+    from exvideo.storage import hold_folder
 
     corpus = tmp_path / "corpus.json"
     corpus.write_text("[]")
     spec = write_spec(tmp_path / "spec.yaml", spec_data(tmp_path, corpus, tiny_svd_dir))
-    (tmp_path / "work").mkdir()
-    with workdir_lock(tmp_path / "work"):  # as another invocation would hold it
+    with hold_folder(tmp_path / "work", "exvideo run"):  # as another invocation would hold it
         assert main(["run", str(spec)]) == 2
     said = capsys.readouterr().err
-    assert f"workdir {tmp_path / 'work'} is in use by another exvideo run (pid {os.getpid()} on " in said
-    assert "wait for it to end, or give this run another workdir" in said
+    assert f"{tmp_path / 'work'} is in use by exvideo run (pid {os.getpid()} on " in said
+    assert "wait for it to end, or give this command another folder" in said
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [".exvideo.lock"]  # nothing else made
 
 
