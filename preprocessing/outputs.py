@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 from exvideo.console import STAGE_LOG
@@ -42,3 +47,22 @@ def write_run_manifest(folder: Path, manifest_name: str, identity: dict, **field
     manifest = {"identity": identity, **fields}
     write_atomic(Path(folder) / manifest_name, json.dumps(manifest, indent=1, sort_keys=True).encode())
     return manifest
+
+
+@contextlib.contextmanager
+def recording_run(folder: Path, manifest_name: str, identity: dict, **fields) -> Iterator[None]:
+    """Write the run manifest as `running` (with this process's pid and host) for the block; if the block raises,
+    record how the run ended: `stopped` (Ctrl-C) or `failed`, with the error.
+
+    A killed process records nothing: its manifest stays `running`, naming a pid that no longer runs.
+    """
+    fields = {**fields, "pid": os.getpid(), "host": socket.gethostname()}
+    write_run_manifest(folder, manifest_name, identity, status="running", **fields)
+    try:
+        yield
+    except BaseException as exc:
+        ended = {"status": "stopped" if isinstance(exc, KeyboardInterrupt) else "failed",
+                 "error": f"{type(exc).__name__}: {exc}", "ended_at": datetime.now(timezone.utc).isoformat()}
+        with contextlib.suppress(OSError):  # a full disk may refuse even this; the error raised says what happened
+            write_run_manifest(folder, manifest_name, identity, **fields, **ended)
+        raise

@@ -22,7 +22,7 @@ from webdataset import TarWriter
 
 from exvideo.ray_setup import ensure_ray, ordered_quiet_data
 from preprocessing.config import ReshardConfig
-from preprocessing.outputs import claim_output, write_run_manifest
+from preprocessing.outputs import claim_output, recording_run, write_run_manifest
 from preprocessing.shards import (
     INDEX_SCHEMA, file_sha256, member_bytes, read_sample_entries, sample_spans, shard_stats, write_table_atomic,
 )
@@ -100,25 +100,25 @@ def run_reshard(cfg: ReshardConfig) -> dict:
         kept = [kept[i] for i in np.random.default_rng(cfg.shuffle_seed).permutation(len(kept))]
     plans = [{"path": str(shards_dir / f"shard-{n:06d}.tar"), "rows": group}
              for n, group in enumerate(plan_shards(kept, cfg.shard_max_samples, cfg.shard_max_bytes))]
-    write_run_manifest(cfg.output, RESHARD_MANIFEST, identity, stage="reshard", status="running")
-
-    ensure_ray(cfg.ray_address)
-    results = []
-    with ordered_quiet_data(preserve_order=False):
-        if plans:
-            dataset = ray.data.from_items(plans, override_num_blocks=len(plans)).map(write_planned_shard)
-            results = list(tqdm(dataset.iter_rows(), total=len(plans), unit="shard", desc="reshard",
-                                disable=not cfg.progress))
-    results.sort(key=lambda r: r["stats"]["shard"])
-    index = [row for r in results for row in r["rows"]]
-    write_table_atomic(Path(cfg.output) / "index.parquet", index, schema=INDEX_SCHEMA)
-    write_table_atomic(Path(cfg.output) / "shards.parquet", [r["stats"] for r in results])
-    write_table_atomic(Path(cfg.output) / "filtered.parquet", filtered)
-    by_reason: dict[str, int] = {}
-    for row in filtered:
-        by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + 1
-    if len(index) + len(filtered) != len(rows):
-        raise RuntimeError(f"reshard lost samples: {len(rows)} in, {len(index)} kept + {len(filtered)} filtered")
+    with recording_run(cfg.output, RESHARD_MANIFEST, identity, stage="reshard"):
+        ensure_ray(cfg.ray_address)
+        results = []
+        with ordered_quiet_data(preserve_order=False):
+            if plans:
+                dataset = ray.data.from_items(plans, override_num_blocks=len(plans)).map(write_planned_shard)
+                results = list(tqdm(dataset.iter_rows(), total=len(plans), unit="shard", desc="reshard",
+                                    disable=not cfg.progress))
+        results.sort(key=lambda r: r["stats"]["shard"])
+        index = [row for r in results for row in r["rows"]]
+        write_table_atomic(Path(cfg.output) / "index.parquet", index, schema=INDEX_SCHEMA)
+        write_table_atomic(Path(cfg.output) / "shards.parquet", [r["stats"] for r in results])
+        write_table_atomic(Path(cfg.output) / "filtered.parquet", filtered)
+        by_reason: dict[str, int] = {}
+        for row in filtered:
+            by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + 1
+        if len(index) + len(filtered) != len(rows):
+            raise RuntimeError(f"reshard lost samples: {len(rows)} in, {len(index)} kept + {len(filtered)} "
+                               "filtered")
     elapsed = time.perf_counter() - started
     return write_run_manifest(
         cfg.output, RESHARD_MANIFEST, identity, stage="reshard", status="complete",

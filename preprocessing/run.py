@@ -20,7 +20,7 @@ from exvideo.families import checkpoint_family
 from preprocessing.encode import ENCODERS, ENTRY_COLUMNS, encoder_fingerprint, resolve_device
 from preprocessing.ledger import Failure
 from preprocessing.manifest import read_sources
-from preprocessing.outputs import claim_output, write_run_manifest
+from preprocessing.outputs import claim_output, recording_run, write_run_manifest
 from preprocessing.prepare import prepare_source
 from exvideo.storage import check_writable, storage_errors
 from exvideo.ray_setup import add_count, ensure_ray, format_per_node, ordered_quiet_data
@@ -34,10 +34,9 @@ def _identity(cfg: PreprocessConfig, fingerprint: str) -> dict:
     return {**cfg.content_fields(), "encoder_fingerprint": fingerprint}
 
 
-def _write_manifest(cfg: PreprocessConfig, config_hash: str, fingerprint: str, **fields) -> dict:
-    return write_run_manifest(cfg.output, RUN_MANIFEST, _identity(cfg, fingerprint), stage="preprocess",
-                              config=cfg.model_dump(mode="json"), config_hash=config_hash,
-                              encoder_fingerprint=fingerprint, ray_version=ray.__version__, **fields)
+def _manifest_fields(cfg: PreprocessConfig, config_hash: str, fingerprint: str) -> dict:
+    return {"stage": "preprocess", "config": cfg.model_dump(mode="json"), "config_hash": config_hash,
+            "encoder_fingerprint": fingerprint, "ray_version": ray.__version__}
 
 
 def build_dataset(sources: list[dict], cfg: PreprocessConfig, config_hash: str, fingerprint: str):
@@ -81,16 +80,31 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
 def _preprocess(cfg: PreprocessConfig) -> dict:
     started = time.perf_counter()
     config_hash, fingerprint = cfg.content_hash(), encoder_fingerprint(cfg.model, cfg.family)
-    claim_output(cfg.output, RUN_MANIFEST, _identity(cfg, fingerprint))
+    identity = _identity(cfg, fingerprint)
+    claim_output(cfg.output, RUN_MANIFEST, identity)
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
     commits = read_commits(output)
     removed = discard_uncommitted(output, commits)
     if removed:
         print(f"discarded {len(removed)} uncommitted file(s) of an interrupted run: {', '.join(removed)}")
-    _write_manifest(cfg, config_hash, fingerprint, status="running",
-                    started_at=datetime.now(timezone.utc).isoformat())
+    fields = _manifest_fields(cfg, config_hash, fingerprint)
+    with recording_run(output, RUN_MANIFEST, identity, **fields, started_at=datetime.now(timezone.utc).isoformat()):
+        sources, done_now = _write_shards(cfg, config_hash, fingerprint, commits)
+        counts = write_tables(output, read_commits(output))
+    elapsed, written = time.perf_counter() - started, done_now["clips_written"]
+    return write_run_manifest(
+        output, RUN_MANIFEST, identity, **fields, status="complete", finished_at=datetime.now(timezone.utc).isoformat(),
+        counts={**counts, "sources": sources},
+        this_invocation={**done_now, "seconds": round(elapsed, 3),
+                         "clips_per_second": round(written / elapsed, 3) if elapsed > 0 else 0.0},
+    )
 
+
+def _write_shards(cfg: PreprocessConfig, config_hash: str, fingerprint: str, commits: list[dict]) -> tuple[int, dict]:
+    """Encode the sources no commit record names yet and write their shards; return the corpus's source count and
+    what this invocation did (sources processed, clips written, per Ray node)."""
+    output = Path(cfg.output)
     sources, manifest_failures = read_sources(cfg.input)
     done = {s for c in commits for s in c["done_sources"]}
     committed_keys = {row["key"] for c in commits for row in c["samples"]}
@@ -124,16 +138,8 @@ def _preprocess(cfg: PreprocessConfig) -> dict:
                     bar.update(1)
                     bar.set_postfix(clips=written, failed=len(writer.failures))
         writer.commit()
-
-    counts = write_tables(output, read_commits(output))
-    elapsed = time.perf_counter() - started
-    return _write_manifest(
-        cfg, config_hash, fingerprint, status="complete", finished_at=datetime.now(timezone.utc).isoformat(),
-        counts={**counts, "sources": len(sources) + len(manifest_failures)},
-        this_invocation={"sources_processed": len(pending), "clips_written": written, "seconds": round(elapsed, 3),
-                         "clips_per_second": round(written / elapsed, 3) if elapsed > 0 else 0.0,
-                         "per_node": per_node},
-    )
+    return len(sources) + len(manifest_failures), {"sources_processed": len(pending), "clips_written": written,
+                                                   "per_node": per_node}
 
 
 def format_summary(manifest: dict) -> str:

@@ -168,7 +168,8 @@ def test_killed_run_resumes_to_the_same_shards(preprocessed, corpus, tiny_svd_di
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert json.loads((output / "run.json").read_text())["status"] == "running"
+    killed = json.loads((output / "run.json").read_text())  # nothing could record the kill: the pid tells
+    assert killed["status"] == "running" and killed["pid"] == process.pid
     committed = len(list((output / "commits").glob("*.json")))
     total = len(list((cfg.output / "commits").glob("*.json")))
     assert committed < total, "the run finished before it was killed"

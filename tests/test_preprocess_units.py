@@ -207,3 +207,20 @@ def test_sample_digests_ignore_shard_layout_and_refuse_a_sample_written_twice(tm
         sink.write(samples[2])
     with pytest.raises(ValueError, match=r"k2\.a\.npy appears twice .* \(again in shard-000002\.tar\)"):
         sample_digests(tmp_path / "two")
+
+
+@pytest.mark.parametrize("raised, status", [(KeyboardInterrupt, "stopped"), (OSError(28, "No space left"), "failed")])
+def test_a_run_manifest_records_how_a_run_ended(tmp_path, raised, status):
+    import os
+
+    from preprocessing.outputs import recording_run
+
+    with recording_run(tmp_path, "run.json", {"num_frames": 8}, stage="preprocess"):
+        running = json.loads((tmp_path / "run.json").read_text())
+    assert running["status"] == "running" and running["pid"] == os.getpid() and running["host"]
+    with pytest.raises(type(raised) if isinstance(raised, Exception) else raised):
+        with recording_run(tmp_path, "run.json", {"num_frames": 8}, stage="preprocess"):
+            raise raised
+    ended = json.loads((tmp_path / "run.json").read_text())
+    assert ended["status"] == status and ended["identity"] == {"num_frames": 8} and ended["stage"] == "preprocess"
+    assert ended["error"] == ("KeyboardInterrupt: " if status == "stopped" else "OSError: [Errno 28] No space left")

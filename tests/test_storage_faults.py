@@ -64,6 +64,8 @@ def test_a_full_disk_stops_cleanly_and_the_rerun_completes_with_the_same_samples
     shards = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (output / "shards").glob("*.tar")}
     assert shards == committed  # every tar under a final name is whole and committed; no other file
     assert not [p.name for p in output.rglob(".*")]  # the shard being written was removed
+    ended = json.loads((output / "run.json").read_text())
+    assert ended["status"] == "failed" and "StorageError: could not write shards in" in ended["error"]
 
     remount(small_disk, "size=16m")
     again = run_preprocess(config(output, synthetic_corpus, tiny_svd_dir))
