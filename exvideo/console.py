@@ -10,6 +10,7 @@ quietened by `worker_environment` and `quiet_worker`, which `exvideo.ray_setup` 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ CONSOLE_LEVELS = {
     "mlflow": logging.WARNING, "alembic": logging.WARNING,
     "transformers": logging.ERROR, "diffusers": logging.ERROR,
 }
+# The libraries whose loggers get console handlers of their own when they are imported.
+LIBRARIES = ("ray.data", "mlflow", "transformers", "diffusers")
 
 
 def verbose() -> bool:
@@ -48,10 +51,14 @@ def _reaches_a_listed_ancestor(logger: logging.Logger) -> bool:
 
 
 @contextlib.contextmanager
-def stage_log(folder: Path | None, name: str = STAGE_LOG) -> Iterator[None]:
+def stage_log(folder: Path | None, name: str = STAGE_LOG, libraries: tuple[str, ...] = LIBRARIES) -> Iterator[None]:
     """Inside the block, the libraries' records go to `folder/name` (nowhere with no folder); their consoles show
-    warnings and errors only (everything, with `--verbose`). Levels and handlers are restored after the block."""
-    _create_library_handlers()
+    warnings and errors only (everything, with `--verbose`). Levels and handlers are restored after the block.
+
+    `libraries` are imported first (see `_create_library_handlers`): a command that uses fewer of them (submitting a
+    job uses Ray alone) names those, and saves the seconds the model libraries take to import.
+    """
+    _create_library_handlers(libraries)
     handler = None
     if folder is not None:
         Path(folder).mkdir(parents=True, exist_ok=True)
@@ -84,17 +91,20 @@ def stage_log(folder: Path | None, name: str = STAGE_LOG) -> Iterator[None]:
             handler.close()
 
 
-def _create_library_handlers() -> None:
-    """Import the libraries whose loggers get console handlers of their own on import, so those handlers exist
-    when `stage_log` sets their levels; quietens the libraries' own progress bars unless verbose."""
-    import diffusers
-    import mlflow  # noqa: F401
-    import ray.data  # noqa: F401
-    import transformers
+def _create_library_handlers(libraries: tuple[str, ...]) -> None:
+    """Import `libraries`, whose loggers get console handlers of their own on import, so those handlers exist when
+    `stage_log` sets their levels; quietens the libraries' own progress bars unless verbose."""
+    for library in libraries:
+        importlib.import_module(library)
+    if "transformers" in libraries:
+        import transformers
 
-    transformers.logging.get_logger()  # its console handler is made on the first call
-    if not verbose():
-        transformers.logging.disable_progress_bar()
+        transformers.logging.get_logger()  # its console handler is made on the first call
+        if not verbose():
+            transformers.logging.disable_progress_bar()
+    if "diffusers" in libraries and not verbose():
+        import diffusers
+
         diffusers.utils.logging.disable_progress_bar()
 
 

@@ -55,7 +55,7 @@ def _run_workflow(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     stage_args = [*(["--from", args.start] if args.start else []), *(["--only", args.only] if args.only else [])]
     if args.address:
-        with stage_log(None):
+        with stage_log(None, libraries=("ray",)):  # the cluster runs the stages: no model library here
             from orchestration.submit import submit_workflow
 
             return 0 if submit_workflow(spec, args.address, stage_args) == "SUCCEEDED" else 1
