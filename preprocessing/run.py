@@ -20,7 +20,7 @@ from exvideo.families import checkpoint_family
 from preprocessing.encode import ENCODERS, ENTRY_COLUMNS, encoder_fingerprint, resolve_device
 from preprocessing.ledger import Failure
 from preprocessing.manifest import read_sources
-from preprocessing.outputs import claim_output, recording_run, write_run_manifest
+from exvideo.outputs import claim_output, recording_run, write_run_manifest
 from preprocessing.prepare import prepare_source
 from exvideo.storage import check_writable, storage_errors
 from exvideo.ray_setup import add_count, ensure_ray, format_per_node, ordered_quiet_data

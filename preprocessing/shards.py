@@ -30,19 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from webdataset import TarWriter
 
+from exvideo.outputs import write_atomic
 from preprocessing.ledger import LEDGER_SCHEMA, Failure
 
 TAR_BLOCK = 512
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary name in the same folder, so readers see all of it or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def write_table_atomic(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> None:

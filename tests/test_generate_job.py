@@ -122,6 +122,16 @@ def test_rerun_skips_finished_rows_and_redoes_only_unfinished_ones(first_run, jo
     assert "1 made, 2 already done (skipped)" in out and ".seeded.tmp-4242.mp4" in out
     assert not list(videos.glob(".*"))
 
+    # Another sampling setting, or the same setting in a row of its own: the finished rows were made otherwise.
+    records = {p.name: p.read_bytes() for p in videos.glob("*.json")}
+    assert _run(job_inputs, "--set", "params.steps=3") == 2
+    assert capsys.readouterr().err == (
+        f"exvideo generate: error: output {first_run} holds videos of 3 row(s) made with another configuration: "
+        "from-image (params.steps: 2 -> 3), from-prompt (params.steps: 2 -> 3), seeded (params.steps: 2 -> 3). "
+        "Videos of different configurations never mix: write to a new output folder, or delete those rows' files "
+        "(videos/<id>.*) to make them again\n")
+    assert {p.name: p.read_bytes() for p in videos.glob("*.json")} == records  # nothing made or touched
+
 
 def test_job_errors_name_the_bad_setting(job_inputs, tiny_svd_dir, capsys):
     job_inputs["model"] = tiny_svd_dir

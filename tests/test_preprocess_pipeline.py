@@ -20,7 +20,7 @@ import webdataset as wds
 from exvideo.samples import decode_sample
 from preprocessing.config import PreprocessConfig
 from preprocessing.encode import ClipEncoder, encoder_fingerprint
-from preprocessing.outputs import OutputMismatchError
+from exvideo.outputs import OutputMismatchError
 from preprocessing.config import ReshardConfig
 from preprocessing.reshard import run_reshard
 from preprocessing.run import run_preprocess

@@ -213,7 +213,7 @@ def test_sample_digests_ignore_shard_layout_and_refuse_a_sample_written_twice(tm
 def test_a_run_manifest_records_how_a_run_ended(tmp_path, raised, status):
     import os
 
-    from preprocessing.outputs import recording_run
+    from exvideo.outputs import recording_run
 
     with recording_run(tmp_path, "run.json", {"num_frames": 8}, stage="preprocess"):
         running = json.loads((tmp_path / "run.json").read_text())

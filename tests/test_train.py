@@ -188,6 +188,28 @@ def test_stopped_then_killed_run_resumes_exactly(straight, tmp_path):
     assert steps[:9] == list(range(1, 10)) and set(steps) == set(range(1, 17))
     # A second run of a finished config starts no worker and returns the same result.
     assert run_training(pieces) == resumed
+    manifest = json.loads((pieces.run_dir / "run.json").read_text())
+    assert manifest["status"] == "complete" and manifest["steps"] == 16
+
+
+def test_a_run_folder_refuses_another_configuration_but_not_more_steps(tmp_path, tiny_svd_dir):
+    from exvideo.outputs import OutputMismatchError, write_run_manifest
+    from pipelines.train.run import TrainResult
+
+    write_shards(tmp_path / "s", num_shards=1, per_shard=2)
+    cfg = config(tmp_path, tiny_svd_dir, tmp_path / "s")
+    identity = cfg.output_fields(exclude={"storage_path", "name", "max_steps"})
+    write_run_manifest(cfg.run_dir, "run.json", identity, stage="train", status="complete", steps=4)
+    finished = TrainResult(run_dir=cfg.run_dir, checkpoint_dir=cfg.run_dir / "checkpoint-00000004",
+                           adapter=cfg.run_dir / "adapter.safetensors", best_adapter=None, mlflow_run_id="r",
+                           steps=4, final_loss=0.5)
+    finished.save(cfg.run_dir / "result.json")
+    # Operational fields and fewer steps: the same run, finished; no Ray needed to say so.
+    assert run_training(cfg.model_copy(update={"max_steps": 3, "log_every": 7})) == finished
+    with pytest.raises(OutputMismatchError, match=r"^output .*/runs/t was written by another configuration; "
+                                                  r"changed: lr: 0.001 -> 0.002; seed: 0 -> 1\. .*give the run "
+                                                  r"another name or storage_path \(raising max_steps alone continues"):
+        run_training(cfg.model_copy(update={"lr": 2e-3, "seed": 1}))
 
 
 def test_a_worker_group_larger_than_the_local_ray_is_refused_before_the_run_starts(tmp_path, tiny_svd_dir,
@@ -202,9 +224,11 @@ def test_a_worker_group_larger_than_the_local_ray_is_refused_before_the_run_star
 
 def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, tiny_svd_dir, ray_local):
     write_shards(tmp_path / "nan", num_shards=1, per_shard=2, nan_keys=("clip000_000", "clip000_001"))
+    cfg = config(tmp_path, tiny_svd_dir, tmp_path / "nan", name="nan", max_steps=5, max_nonfinite=2, max_failures=0)
     with pytest.raises(Exception, match="2 consecutive steps had a non-finite loss"):
-        run_training(config(tmp_path, tiny_svd_dir, tmp_path / "nan", name="nan", max_steps=5, max_nonfinite=2,
-                            max_failures=0))
+        run_training(cfg)
+    manifest = json.loads((cfg.run_dir / "run.json").read_text())
+    assert manifest["status"] == "failed" and "2 consecutive steps had a non-finite loss" in manifest["error"]
 
 
 def test_ctrl_c_stops_training_with_a_message_and_its_registered_checkpoints(tmp_path, tiny_svd_dir):
@@ -231,3 +255,4 @@ def test_ctrl_c_stops_training_with_a_message_and_its_registered_checkpoints(tmp
     assert (f"exvideo train: interrupted (training stopped; a rerun resumes from the latest checkpoint it registered "
             f"in {run_dir}). What finished is kept: rerun the same command to go on.") in err
     assert list(run_dir.glob("checkpoint-*")) and not (run_dir / "result.json").exists()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "stopped"

@@ -6,6 +6,8 @@ it from the prompt.
 
 One actor per GPU holds the model (one actor on the CPU when there is no GPU). Every output is written under a
 temporary name and renamed, the JSON record last, so a record on disk means the row is done and a rerun skips it.
+The record keeps what decided the video (`row_identity`): a rerun whose model, adapter, settings or row differ
+from a finished row's is refused, naming the rows and fields, rather than mixing videos of two configurations.
 A row that cannot be made (bad id or parameter, missing or unreadable image, a failure while generating) goes to
 `failures.jsonl` with its reason and the job goes on.
 """
@@ -27,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from exvideo import checkpoint_family
+from exvideo.outputs import OutputMismatchError, changed_fields
 from exvideo.speed_options import compiles_on
 from exvideo.storage import check_writable, require_dir
 from exvideo.ray_setup import add_count, ensure_ray, format_per_node, node_id
@@ -82,8 +85,9 @@ class VideoMaker:
                                       self.cfg.text_to_image_steps, params.seed)
         return image, {"prompt": request.prompt, "text_to_image": str(self.cfg.text_to_image)}
 
-    def make(self, request: Request) -> dict:
-        """Generate one row's video and write its mp4, PNG and (last) JSON record; return the record."""
+    def make(self, request: Request, identity: dict) -> dict:
+        """Generate one row's video and write its mp4, PNG and (last) JSON record, which keeps the row's `identity`
+        (`row_identity`); return the record."""
         params = request.params
         start = time.perf_counter()
         if self.family == "animatediff":
@@ -113,18 +117,18 @@ class VideoMaker:
             # On the CPU the frames' bits depend on torch's thread count too (reductions split by thread).
             "device": str(self.device), "torch_threads": torch.get_num_threads(), "host": platform.node(),
             "node": self.node,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "identity": identity,
         }
         write_json(record_path(output, request.id), record)
         return record
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         results = {"id": [], "reason": [], "node": []}
-        for row_id, request_json in zip(batch["id"], batch["request"]):
+        for row_id, request_json, identity in zip(batch["id"], batch["request"], batch["identity"]):
             data = json.loads(request_json)
             request = Request(**{**data, "params": GenerationParams.model_validate(data["params"])})
             try:
-                self.make(request)
+                self.make(request, json.loads(identity))
                 reason = ""
             # The job boundary: whatever one row raises is that row's recorded failure, never the job's.
             except Exception as exc:  # noqa: BLE001
@@ -135,10 +139,26 @@ class VideoMaker:
         return results
 
 
-def _triage(cfg: GenerateJobConfig, family: str) -> tuple[list[Request], list[str], list[dict]]:
-    """Split the listing into rows to make, rows already done (ids) and failures (id, stage, reason)."""
+def job_identity(cfg: GenerateJobConfig, family: str) -> dict:
+    """What decides every row's video besides the row itself: the model, the adapter's bytes and the job's
+    settings (the listing, the output folder and the rows' parameters are per row)."""
+    return {**cfg.output_fields(exclude={"input", "output", "params", "adapter"}), "family": family,
+            "adapter_sha256": file_sha256(cfg.adapter) if cfg.adapter else None}
+
+
+def row_identity(request: Request, job: dict) -> dict:
+    """What decides one row's video: the job's identity, the row's image or prompt and its parameters."""
+    params = request.params.model_dump(mode="json")
+    return {**job, "image": request.image, "prompt": request.prompt, **{f"params.{k}": v for k, v in params.items()}}
+
+
+def _triage(cfg: GenerateJobConfig, family: str) -> tuple[list[tuple[Request, dict]], list[str], list[dict]]:
+    """Split the listing into rows to make (with their identity), rows already done (ids) and failures (id,
+    stage, reason). A finished row made with another identity is refused: videos of two configurations never mix
+    in one folder."""
     rows = read_rows(cfg.input)
-    pending, done, failures, seen = [], [], [], set()
+    job = job_identity(cfg, family)
+    pending, done, failures, seen, changed = [], [], [], set(), []
     for number, row in enumerate(rows, start=1):
         request = check_row(row, number, cfg.input.parent, cfg.params, cfg.text_to_image is not None, family)
         if request.reason is None and request.id in seen:
@@ -147,10 +167,21 @@ def _triage(cfg: GenerateJobConfig, family: str) -> tuple[list[Request], list[st
             failures.append({"id": request.id, "stage": "check", "reason": request.reason})
             continue
         seen.add(request.id)
-        if record_path(cfg.output, request.id).is_file():
-            done.append(request.id)
-        else:
-            pending.append(request)
+        identity = row_identity(request, job)
+        record = record_path(cfg.output, request.id)
+        if not record.is_file():
+            pending.append((request, identity))
+            continue
+        difference = changed_fields(json.loads(record.read_text()).get("identity", {}), identity)
+        if difference:
+            changed.append(f"{request.id} ({'; '.join(difference)})")
+        done.append(request.id)
+    if changed:
+        raise OutputMismatchError(
+            f"output {cfg.output} holds videos of {len(changed)} row(s) made with another configuration: "
+            f"{', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}. Videos of different configurations "
+            f"never mix: write to a new output folder, or delete those rows' files ({VIDEOS}/<id>.*) to make them "
+            "again")
     return pending, done, failures
 
 
@@ -181,8 +212,8 @@ def run_generate_job(cfg: GenerateJobConfig) -> dict:
     made, per_node = [], {}
     if pending:
         workers, gpus = _worker_resources(cfg)
-        items = [{"id": r.id, "request": json.dumps({**asdict(r), "params": r.params.model_dump(mode="json")})}
-                 for r in pending]
+        items = [{"id": r.id, "request": json.dumps({**asdict(r), "params": r.params.model_dump(mode="json")}),
+                  "identity": json.dumps(identity)} for r, identity in pending]
         # The speed options are SVD's (AnimateDiff's pipeline runs as diffusers builds it).
         compiled = [name for name, on in (("the UNet's", compiles_on(cfg.speed, "cuda" if gpus else "cpu")),
                                           ("the VAE decoder's", cfg.speed.compile_decoder))

@@ -19,6 +19,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from exvideo.console import verbose
+from exvideo.outputs import claim_output, recording_run, write_run_manifest
 from exvideo.ray_setup import ensure_ray, format_per_node, ray_target
 from exvideo.storage import check_writable
 from exvideo.tracking import experiment_id_for
@@ -30,6 +31,7 @@ from pipelines.train.state import ADAPTER, EMA_ADAPTER, STATE
 RUN_ID_FILE = "mlflow_run_id.txt"
 FINAL_ADAPTER = "adapter.safetensors"
 RESULT_FILE = "result.json"
+RUN_MANIFEST = "run.json"  # the run's identity (exvideo.outputs) and how its last attempt ended
 
 
 @dataclass
@@ -140,7 +142,11 @@ def _fit_interruptibly(trainer: TorchTrainer, cfg: TrainConfig):
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
-    """Train (or resume) the run `cfg.storage_path / cfg.name`; return where its outputs are."""
+    """Train (or resume) the run `cfg.storage_path / cfg.name`; return where its outputs are.
+
+    The run folder keeps one configuration: a config whose output fields differ from the run's (`run.json`) is
+    refused, naming them; a larger `max_steps` continues the run.
+    """
     shards = list_shards(cfg.shards)  # fail before starting workers if there is nothing to read
     if not (Path(cfg.svd_dir) / "unet" / "config.json").is_file() and not (Path(cfg.svd_dir) / "config.json").is_file():
         raise FileNotFoundError(f"svd_dir {cfg.svd_dir} holds no diffusers UNet (unet/config.json)")
@@ -152,6 +158,11 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     if cfg.model_family == "animatediff" and cfg.cond_dropout:
         raise ValueError(f"cond_dropout {cfg.cond_dropout} drops SVD's image conditioning; AnimateDiff post-tuning "
                          "keeps every caption (its base already learned the unconditional branch): set it to 0")
+    # What decides the adapter: another value is another run. Raising max_steps continues a run (the schedule does
+    # not depend on it).
+    identity = cfg.output_fields(exclude={"storage_path", "name", "max_steps"})
+    claim_output(cfg.run_dir, RUN_MANIFEST, identity, remedy="give the run another name or storage_path (raising "
+                                                              "max_steps alone continues it), or delete this one")
     finished = cfg.run_dir / RESULT_FILE
     if finished.is_file():
         previous = TrainResult.load(finished)
@@ -162,6 +173,22 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     check_writable(cfg.storage_path)  # checkpoints go there: a read-only folder fails now, not after the first steps
     ensure_ray(cfg.ray_address)
     check_capacity(cfg)
+    with recording_run(cfg.run_dir, RUN_MANIFEST, identity, stage="train"):
+        outcome, state = _train(cfg, shards)
+    write_run_manifest(cfg.run_dir, RUN_MANIFEST, identity, stage="train", status="complete", steps=outcome.steps)
+    print(
+        f"done: {outcome.steps} steps, last interval loss {outcome.final_loss:.4f}, "
+        f"{state['nonfinite_total']} non-finite steps skipped\n"
+        f"  worker steps  {format_per_node({n: {'steps': s} for n, s in outcome.worker_steps_by_node.items()})}\n"
+        f"  adapter       {outcome.adapter}\n  best adapter  {outcome.best_adapter}\n"
+        f"  checkpoint    {outcome.checkpoint_dir}\n"
+        f"  MLflow run    {outcome.mlflow_run_id} (mlflow ui --backend-store-uri {cfg.resolved_tracking_uri})"
+    )
+    return outcome
+
+
+def _train(cfg: TrainConfig, shards: list[str]) -> tuple[TrainResult, dict]:
+    """Run (or resume) the Ray Train run to `cfg.max_steps`; return its result and its last checkpoint's state."""
     run_id = _mlflow_run(cfg)
     print(f"training run {cfg.run_dir} on {len(shards)} shards; MLflow run {run_id} at {cfg.resolved_tracking_uri}")
     # Ray Train would otherwise send every print of a worker both to its stdout and through its logger, and both
@@ -206,13 +233,5 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         final_loss=history[-1]["interval_loss"] if history else float("nan"),
         worker_steps_by_node=state.get("worker_steps_by_node", {}),
     )
-    outcome.save(finished)
-    print(
-        f"done: {outcome.steps} steps, last interval loss {outcome.final_loss:.4f}, "
-        f"{state['nonfinite_total']} non-finite steps skipped\n"
-        f"  worker steps  {format_per_node({n: {'steps': s} for n, s in outcome.worker_steps_by_node.items()})}\n"
-        f"  adapter       {outcome.adapter}\n  best adapter  {outcome.best_adapter}\n"
-        f"  checkpoint    {outcome.checkpoint_dir}\n"
-        f"  MLflow run    {run_id} (mlflow ui --backend-store-uri {cfg.resolved_tracking_uri})"
-    )
-    return outcome
+    outcome.save(cfg.run_dir / RESULT_FILE)
+    return outcome, state
