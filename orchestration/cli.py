@@ -21,7 +21,7 @@ def _run_stage(args: argparse.Namespace) -> None:
     config = load_config(stage.config_class(), args.config, args.overrides)
     stage.check_inputs(config)
     folder = getattr(config, stage.folder)
-    with hold_folder(folder, f"exvideo {stage.name}"), stage_log(folder):
+    with hold_folder(getattr(config, stage.held or stage.folder), f"exvideo {stage.name}"), stage_log(folder):
         result = resolve(stage.entry)(config)
     if stage.summary:
         print(resolve(stage.summary)(result))

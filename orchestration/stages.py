@@ -68,6 +68,7 @@ class Stage:
     run: Callable[[StageRun], Outcome]
     needs_ray: bool
     folder: str  # the config field naming its output folder, where `exvideo <stage>` keeps its log
+    held: str | None = None  # the config attribute naming what one command at a time may write, if not `folder`
     summary: str | None = None  # "module:function" formatting `entry`'s result, when `entry` prints none itself
     optional: bool = False  # runs only when the spec has its section
     runner_keys: Mapping[str, Any] = field(default_factory=dict)  # section keys the runner reads, with defaults
@@ -231,7 +232,8 @@ STAGES: tuple[Stage, ...] = (
                  "name": "train",
                  "tracking_uri": None, "experiment": "workflow", "ray_address": None},
           outputs=("adapter", "run_dir", "steps", "final_loss"), run=run_train, needs_ray=True,
-          folder="storage_path", local_inputs=("svd_dir",)),
+          # Held per run, not per storage_path: runs of a sweep share a storage_path and train side by side.
+          folder="storage_path", held="run_dir", local_inputs=("svd_dir",)),
     Stage("generate", config="pipelines.generate.config:GenerateJobConfig", entry="pipelines.generate:run_generate_job",
           help="batch-generate long videos from a listing of images or prompts",
           inputs=("model", "preprocess", "train"),

@@ -20,6 +20,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from exvideo.local_cluster import LocalCluster
+from exvideo.storage import LOCK
 from preprocessing.shards import sample_digests
 from preprocessing.synthetic import VideoSpec, write_corpus
 
@@ -251,7 +252,8 @@ def test_preprocess_survives_losing_a_worker_node_with_the_same_samples(cluster,
     run_losing_node_b(cluster, ["preprocess", *fields, "--set", "encode_actors=2", "--set", f"output={disturbed}"],
                       lambda: (disturbed / "commits" / "000000.json").is_file(), "the first committed shard")
     assert sample_digests(disturbed / "shards") == expected  # same keys, same bytes, none twice
-    assert not [p.name for p in disturbed.rglob("*") if p.name.startswith(".")]  # no temporary file left
+    # No temporary file left; the lock the command held is no output.
+    assert [p.name for p in disturbed.rglob("*") if p.name.startswith(".")] == [LOCK]
     run = json.loads((disturbed / "run.json").read_text())
     assert run["status"] == "complete" and run["counts"]["samples"] == 12 and run["counts"]["failures"] == 0
 

@@ -82,12 +82,13 @@ def test_a_read_only_output_is_refused_before_any_work(small_disk, synthetic_cor
 
 
 def stage_settings(stage: str, output: Path, tmp_path: Path, corpus: Path, model: Path) -> list[str]:
-    """`--set` arguments of a valid config for `stage`, writing to `output`; every local input exists."""
+    """`--set` arguments of a valid config for `stage`, writing to `output` (train: its run folder); every local
+    input exists."""
     listing = tmp_path / "rows.jsonl"
     listing.write_text("")
     fields = {"preprocess": {"input": corpus, "model": model, "output": output},
               "reshard": {"input": tmp_path, "output": output},
-              "train": {"svd_dir": model, "shards": tmp_path, "storage_path": output},
+              "train": {"svd_dir": model, "shards": tmp_path, "storage_path": output.parent, "name": output.name},
               "generate": {"input": listing, "model": model, "output": output},
               "evaluate": {"videos_dir": f"[{tmp_path}]", "output_dir": output}}[stage]
     return [f"--set={name}={value}" for name, value in fields.items()]
