@@ -72,6 +72,26 @@ def ensure_ray(address: str | None = None) -> None:
             ray_logger.addHandler(handler)
 
 
+def check_capacity(needed: dict[str, float], asked: str, what: str, address: str | None) -> None:
+    """Refuse, on a local Ray, resources (`{"CPU": 3, "GPU": 0}`) it can never hold; on a cluster (which may grow),
+    say what the start waits for. `asked` names the settings behind `needed`, `what` the stage.
+
+    Ray waits without a word for room for every actor and worker: right on a cluster that grows (an autoscaler, a
+    replaced node), a hang on a local Ray of fixed size.
+    """
+    import ray
+
+    available = ray.cluster_resources()
+    short = ", ".join(f"{amount:g} {kind} (the cluster has {available.get(kind, 0):g})"
+                      for kind, amount in needed.items() if amount > available.get(kind, 0))
+    if not short:
+        return
+    if ray_target(address) == "local":
+        raise ValueError(f"{what} needs {short} for {asked}, more than this machine's Ray will ever have: lower "
+                         "them, or set ray_address to a larger cluster")
+    print(f"waiting for room: {what} needs {short} for {asked}; it starts once nodes join", flush=True)
+
+
 @contextlib.contextmanager
 def ordered_quiet_data(preserve_order: bool = True) -> Iterator[None]:
     """Ray Data keeps input order (shard layout depends on it) and leaves the progress display to our tqdm."""

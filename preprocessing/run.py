@@ -23,7 +23,7 @@ from preprocessing.manifest import read_sources
 from exvideo.outputs import claim_output, recording_run, write_run_manifest
 from preprocessing.prepare import prepare_source
 from exvideo.storage import check_writable, storage_errors
-from exvideo.ray_setup import add_count, ensure_ray, format_per_node, ordered_quiet_data
+from exvideo.ray_setup import add_count, check_capacity, ensure_ray, format_per_node, ordered_quiet_data
 from preprocessing.shards import ShardSetWriter, discard_uncommitted, read_commits, write_tables
 
 RUN_MANIFEST = "run.json"
@@ -39,9 +39,17 @@ def _manifest_fields(cfg: PreprocessConfig, config_hash: str, fingerprint: str) 
             "encoder_fingerprint": fingerprint, "ray_version": ray.__version__}
 
 
-def build_dataset(sources: list[dict], cfg: PreprocessConfig, config_hash: str, fingerprint: str):
-    """The Ray Data pipeline over `sources`: prepare (CPU tasks) -> encode (actor pool, GPU where present)."""
-    device = resolve_device(cfg, ray.cluster_resources().get("GPU", 0))
+def check_room(cfg: PreprocessConfig, device: str) -> None:
+    """Refuse an encoder pool that leaves a local Ray no CPU to decode with: Ray Data would start the encoders and
+    then wait forever for a decode task to feed them."""
+    gpus = cfg.encode_actors * cfg.gpus_per_actor if device == "cuda" else 0
+    asked = (f"encode_actors {cfg.encode_actors} (one CPU" + (f" and {cfg.gpus_per_actor:g} GPU" if gpus else "")
+             + " each) and one CPU to decode")
+    check_capacity({"CPU": cfg.encode_actors + 1, "GPU": gpus}, asked, "preprocess", cfg.ray_address)
+
+
+def build_dataset(sources: list[dict], cfg: PreprocessConfig, config_hash: str, fingerprint: str, device: str):
+    """The Ray Data pipeline over `sources`: prepare (CPU tasks) -> encode (actor pool on `device`)."""
     # Small blocks (one source each, up to a cap): decoding is the cost, so sources spread over every CPU at once.
     dataset = ray.data.from_items(sources, override_num_blocks=max(1, min(len(sources), MAX_INPUT_BLOCKS)))
     dataset = dataset.flat_map(prepare_source, fn_kwargs={"cfg": cfg})
@@ -52,7 +60,7 @@ def build_dataset(sources: list[dict], cfg: PreprocessConfig, config_hash: str, 
         # All encoders from the start, but the pool may shrink: after a node is lost, the encoders that restart on
         # the surviving nodes must not keep the CPUs the decode tasks feeding them need.
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.encode_actors, initial_size=cfg.encode_actors),
-        num_gpus=cfg.gpus_per_actor if device == "cuda" else 0,
+        num_cpus=1, num_gpus=cfg.gpus_per_actor if device == "cuda" else 0,
     )
 
 
@@ -117,11 +125,14 @@ def _write_shards(cfg: PreprocessConfig, config_hash: str, fingerprint: str, com
     written = 0
     per_node: dict[str, dict[str, int]] = {}  # what each Ray node did in this invocation
     ensure_ray(cfg.ray_address)
+    device = resolve_device(cfg, ray.cluster_resources().get("GPU", 0))
+    if pending:
+        check_room(cfg, device)
     with ordered_quiet_data(), tqdm(total=len(pending), unit="video", disable=not cfg.progress,
                                      desc="preprocess") as bar, \
             storage_errors(output, "write shards in", abandon=writer.abandon):
         if pending:
-            for row in build_dataset(pending, cfg, config_hash, fingerprint).iter_rows():
+            for row in build_dataset(pending, cfg, config_hash, fingerprint, device).iter_rows():
                 if row["stage"]:
                     failure = Failure(row["source"], row["stage"], row["reason_code"], row["reason"],
                                       row["clip_index"])

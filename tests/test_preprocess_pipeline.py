@@ -153,6 +153,18 @@ def test_rerun_is_a_no_op_and_other_configs_are_refused(preprocessed):
         run_preprocess(cfg.model_copy(update={"num_frames": 6}))
 
 
+def test_an_encoder_pool_that_leaves_no_cpu_to_decode_is_refused(preprocessed, tmp_path):
+    """Two encoders on the session's 2-CPU Ray would take both CPUs and wait forever for a decode task."""
+    cfg, _ = preprocessed
+    crowded = cfg.model_copy(update={"output": tmp_path / "crowded", "encode_actors": 2})
+    with pytest.raises(ValueError, match=r"^preprocess needs 3 CPU \(the cluster has 2\) for encode_actors 2 \(one "
+                                         r"CPU each\) and one CPU to decode, more than this machine's Ray will ever "
+                                         r"have: lower them, or set ray_address to a larger cluster$"):
+        run_preprocess(crowded)
+    manifest = json.loads((crowded.output / "run.json").read_text())
+    assert manifest["status"] == "failed" and not list(crowded.output.glob("shards/*.tar"))
+
+
 def test_killed_run_resumes_to_the_same_shards(preprocessed, corpus, tiny_svd_dir, tmp_path):
     cfg, _ = preprocessed
     output = tmp_path / "killed"

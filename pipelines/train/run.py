@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from exvideo.console import verbose
 from exvideo.outputs import claim_output, recording_run, write_run_manifest
-from exvideo.ray_setup import ensure_ray, format_per_node, ray_target
+from exvideo.ray_setup import check_capacity, ensure_ray, format_per_node
 from exvideo.storage import check_writable
 from exvideo.tracking import experiment_id_for
 from pipelines.train.config import TrainConfig
@@ -101,27 +101,6 @@ def check_replicas(checkpoint_dir: Path, num_workers: int) -> list[dict]:
     return records
 
 
-def check_capacity(cfg: TrainConfig) -> None:
-    """Refuse a worker group that a local Ray can never hold; on a cluster, say what the start waits for.
-
-    Ray Train waits without a word for room for every worker (a minute per attempt, `max_failures` + 1 attempts):
-    right on a cluster that grows (an autoscaler, a replaced node), minutes lost on a local Ray of fixed size.
-    """
-    import ray
-
-    needed = {"CPU": cfg.num_workers * cfg.cpus_per_worker, "GPU": cfg.num_workers if cfg.use_gpu else 0}
-    available = ray.cluster_resources()
-    short = ", ".join(f"{amount:g} {kind} (the cluster has {available.get(kind, 0):g})"
-                      for kind, amount in needed.items() if amount > available.get(kind, 0))
-    if not short:
-        return
-    asked = f"num_workers {cfg.num_workers} x cpus_per_worker {cfg.cpus_per_worker:g}" + ", use_gpu" * cfg.use_gpu
-    if ray_target(cfg.ray_address) == "local":
-        raise ValueError(f"training needs {short} for {asked}, more than this machine's Ray will ever have: lower "
-                         "them, or set ray_address to a larger cluster")
-    print(f"waiting for room: training needs {short} for {asked}; Ray Train starts the workers once nodes join")
-
-
 def _fit_interruptibly(trainer: TorchTrainer, cfg: TrainConfig):
     """`trainer.fit()`, with Ctrl-C an interruption that says how to go on rather than a silent exit.
 
@@ -172,7 +151,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             return previous
     check_writable(cfg.storage_path)  # checkpoints go there: a read-only folder fails now, not after the first steps
     ensure_ray(cfg.ray_address)
-    check_capacity(cfg)
+    # Ray Train would wait a minute per attempt (`max_failures` + 1 attempts) for room for every worker.
+    asked = f"num_workers {cfg.num_workers} x cpus_per_worker {cfg.cpus_per_worker:g}" + ", use_gpu" * cfg.use_gpu
+    check_capacity({"CPU": cfg.num_workers * cfg.cpus_per_worker, "GPU": cfg.num_workers if cfg.use_gpu else 0},
+                   asked, "training", cfg.ray_address)
     with recording_run(cfg.run_dir, RUN_MANIFEST, identity, stage="train"):
         outcome, state = _train(cfg, shards)
     write_run_manifest(cfg.run_dir, RUN_MANIFEST, identity, stage="train", status="complete", steps=outcome.steps)
