@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from webdataset import TarWriter
 
-from exvideo.outputs import write_atomic
+from exvideo.outputs import file_sha256, write_atomic
 from preprocessing.ledger import LEDGER_SCHEMA, Failure
 
 TAR_BLOCK = 512
@@ -91,14 +91,6 @@ def sample_digests(shards_dir: Path) -> dict[str, str]:
                 entries[key][name] = tar.extractfile(member).read()
     return {key: hashlib.sha256(b"".join(data for _, data in sorted(sample.items()))).hexdigest()
             for key, sample in entries.items()}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def shard_stats(name: str, path: Path, rows: list[dict]) -> dict:

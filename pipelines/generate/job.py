@@ -29,13 +29,13 @@ import torch
 from tqdm import tqdm
 
 from exvideo import checkpoint_family
-from exvideo.outputs import OutputMismatchError, changed_fields
+from exvideo.outputs import OutputMismatchError, changed_fields, file_sha256
 from exvideo.speed_options import compiles_on
 from exvideo.storage import check_writable, require_dir
 from exvideo.ray_setup import add_count, ensure_ray, format_per_node, node_id
 from pipelines.generate.config import GenerateJobConfig
 from pipelines.generate.frames import open_image
-from pipelines.generate.loading import file_sha256, load_pipeline, resolve_device, resolve_dtype
+from pipelines.generate.loading import load_pipeline, resolve_device, resolve_dtype
 from pipelines.generate.params import GenerationParams, check_family
 from pipelines.generate.rows import Request, check_row, read_rows
 from pipelines.generate.text_to_image import first_frame_from_text, load_text_to_image
@@ -66,7 +66,6 @@ class VideoMaker:
         self.pipeline = load_pipeline(cfg.model, cfg.adapter, cfg.params.method, cfg.table_frames,
                                       str(self.device), cfg.dtype, cfg.speed, self.family)
         self.pipeline.set_progress_bar_config(disable=True)
-        self.adapter = {"path": str(cfg.adapter), "sha256": file_sha256(cfg.adapter)} if cfg.adapter else None
         self._text_to_image = None
         self.node = node_id()
 
@@ -110,7 +109,10 @@ class VideoMaker:
             "id": request.id, "source": source, "method": params.method, "seed": params.seed,
             "params": params.model_dump(mode="json"), "sampling_defaults": video.defaults,
             "frames": frames, "width": width, "height": height,
-            "fps": params.fps, "model": str(self.cfg.model), "adapter": self.adapter,
+            "fps": params.fps, "model": str(self.cfg.model),
+            # Hashed once, on the driver, into the row's identity.
+            "adapter": ({"path": str(self.cfg.adapter), "sha256": identity["adapter_sha256"]} if self.cfg.adapter
+                        else None),
             "frames_sha256": frames_sha256(video.frames),
             "outputs": {"video": f"{request.id}.mp4", "first_frame": f"{request.id}.png"},
             "timings": {k: round(v, 4) for k, v in timings.items()},
