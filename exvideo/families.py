@@ -6,12 +6,19 @@ any model loads, and need not import diffusers to learn it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
+from exvideo.digests import folder_sha256
+from exvideo.storage import require_dir
+
 FAMILY_OF_PIPELINE = {"StableVideoDiffusionPipeline": "svd", "AnimateDiffPipeline": "animatediff"}
 FAMILIES = tuple(FAMILY_OF_PIPELINE.values())
+# The checkpoint folders that turn a family's clips into training samples (preprocessing reads only these).
+ENCODER_COMPONENTS = {"svd": ("vae", "image_encoder", "feature_extractor"),
+                      "animatediff": ("vae", "text_encoder", "tokenizer")}
 
 
 def model_family(path: str | os.PathLike, declared: str | None = None) -> str:
@@ -44,3 +51,20 @@ def checkpoint_family(path: str | os.PathLike, declared: str | None = None) -> s
     if declared is None and not (Path(path) / "model_index.json").is_file():
         return "svd"
     return model_family(path, declared)
+
+
+def encoder_fingerprint(model: str | os.PathLike, family: str = "svd") -> str:
+    """Hash of the family's encoder components' files (weights and configs): which encoder made a shard set.
+
+    Read once per file (`exvideo.digests`): a rerun, or the next run on the same checkpoint, reads no weights.
+    """
+    model, components = Path(model), ENCODER_COMPONENTS[family]
+    require_dir(model, f"{family} checkpoint")
+    missing = [c for c in components if not (model / c).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{family} checkpoint {model} lacks {missing}; preprocessing needs {components} "
+                                f"(write a tiny one with `exvideo make-tiny-model DIR --family {family}`)")
+    digest = hashlib.sha256()
+    for component in components:
+        digest.update(f"{component}\0{folder_sha256(model / component)}\n".encode())
+    return digest.hexdigest()[:16]

@@ -1,8 +1,8 @@
 """The workflow runner: the spec's stages as a DAG, each output keyed by content, skipped when done, resumed when not.
 
 A stage's key hashes its config's output fields (the section's fields less the operational ones and the wired
-paths; `exvideo.config`) and its inputs' keys (the corpus and model for the first stages, the upstream stages' keys
-after that). Operational changes (worker counts, devices, speed switches, logging) therefore keep every key: a
+paths; `exvideo.config`) and its inputs' keys (the corpus's and model's content for the first stages, the upstream
+stages' keys after that). Operational changes (worker counts, devices, speed switches, logging) therefore keep every key: a
 finished stage is reused, an unfinished one resumes in its folder with the new values. Its output folder is
 `<workdir>/<stage>-<key>`; a `_complete.json` marker, written atomically after everything else, records its
 outputs. A marker means "done": the stage is skipped. No marker means "not done": the stage runs again in the same
@@ -23,10 +23,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from exvideo.console import WORKFLOW_LOG, stage_log
+from exvideo.digests import folder_sha256
+from exvideo.families import encoder_fingerprint
 from exvideo.ray_setup import ray_target, require_reachable
 from exvideo.storage import hold_folder, is_missing, require_dir
 from orchestration.spec import WorkflowSpec
 from orchestration.stages import STAGE, StageRun
+from preprocessing.manifest import corpus_sha256
 
 MARKER = "_complete.json"
 
@@ -44,15 +47,13 @@ class StageRecord:
     seconds: float = 0.0
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "-"
-
-
 def _source_keys(spec: WorkflowSpec) -> dict[str, str]:
-    """Keys of the spec's own inputs: where they are, plus the manifest's and model index's bytes."""
-    corpus = Path(spec.corpus)
-    return {"corpus": f"{spec.corpus}:{_file_digest(corpus)}",
-            "model": f"{spec.model}:{_file_digest(spec.model / 'model_index.json')}"}
+    """Keys of the spec's own inputs: the corpus's place and content (`corpus_sha256`: a manifest's bytes, a
+    folder's video names and sizes), and the model's content wherever its folder is: every file's bytes, or only
+    the encoders' for preprocessing, which reads nothing else (a new UNet keeps the shards)."""
+    return {"corpus": f"{spec.corpus}:{corpus_sha256(spec.corpus)[:16]}",
+            "model": folder_sha256(spec.model)[:16],
+            "encoders": encoder_fingerprint(spec.model, spec.model_family)}
 
 
 def stage_keys(spec: WorkflowSpec) -> dict[str, str]:
@@ -102,9 +103,9 @@ def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None 
     stages before them must be complete.
     """
     selected = select_stages(spec, start, only)
+    check_inputs(spec)
     keys = stage_keys(spec)
     records = [StageRecord(name, key, spec.workdir / f"{name}-{key}") for name, key in keys.items()]
-    check_inputs(spec)
     with hold_folder(spec.workdir, "exvideo run"), stage_log(spec.workdir, WORKFLOW_LOG):
         from orchestration import tracking
 

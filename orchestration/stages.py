@@ -62,7 +62,9 @@ class Stage:
     config: str  # "module:Class" of its config, in a torch-free module: a spec validates without a model library
     entry: str  # "module:function" running it on its own, given its config
     help: str
-    inputs: tuple[str, ...]  # what its key depends on: "corpus", "model", upstream stages ("a|b": the first present)
+    # What its key depends on: "corpus", "model" (every file), "encoders" (the files preprocessing reads), upstream
+    # stages ("a|b": the first present).
+    inputs: tuple[str, ...]
     wired: Mapping[str, Any]  # fields the workflow sets (placeholders here); a section may not set them
     outputs: tuple[str, ...]  # what its completion marker records for later stages
     run: Callable[[StageRun], Outcome]
@@ -214,7 +216,7 @@ STAGES: tuple[Stage, ...] = (
           summary="preprocessing.run:format_summary",
           help="corpus -> WebDataset latent shards on Ray Data (resumable); "
                "required: input=MANIFEST_OR_FOLDER output=DIR model=MODEL_DIR (SVD or AnimateDiff)",
-          inputs=("corpus", "model"),
+          inputs=("corpus", "encoders"),
           wired={"input": PLACEHOLDER, "output": PLACEHOLDER, "model": PLACEHOLDER, "family": None,
                  "ray_address": None},
           outputs=("shards", "samples", "failures"), run=run_preprocess, needs_ray=True, folder="output",

@@ -13,10 +13,6 @@ Per AnimateDiff clip, `TextClipEncoder`:
 
 from __future__ import annotations
 
-import hashlib
-import os
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import torch
@@ -26,33 +22,12 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from exvideo.ray_setup import node_id
 from exvideo.samples import ALL_ARRAYS, ClipRecord, LatentClip, encode_sample
-from exvideo.storage import require_dir
 from preprocessing.config import PreprocessConfig
 
-ENCODER_COMPONENTS = {"svd": ("vae", "image_encoder", "feature_extractor"),
-                      "animatediff": ("vae", "text_encoder", "tokenizer")}
 # Sample entries travel from the actors to the driver as binary columns, one per WebDataset entry (empty when
 # the family has no such entry).
 ENTRY_COLUMNS = {**{f"{name}.npy": f"entry_{name}" for name in ALL_ARRAYS}, "json": "entry_json"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def encoder_fingerprint(model: str | os.PathLike, family: str = "svd") -> str:
-    """Hash of the family's encoder components' files (weights and configs): which encoder made a shard set."""
-    model, components = Path(model), ENCODER_COMPONENTS[family]
-    require_dir(model, f"{family} checkpoint")
-    missing = [c for c in components if not (model / c).is_dir()]
-    if missing:
-        raise FileNotFoundError(f"{family} checkpoint {model} lacks {missing}; preprocessing needs {components} "
-                                f"(write a tiny one with `exvideo make-tiny-model DIR --family {family}`)")
-    digest = hashlib.sha256()
-    for component in components:
-        for file in sorted((model / component).iterdir()):
-            digest.update(f"{component}/{file.name}".encode())
-            with open(file, "rb") as handle:
-                while chunk := handle.read(1 << 24):
-                    digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def resolve_device(cfg: PreprocessConfig, cluster_gpus: float) -> str:

@@ -7,6 +7,7 @@ ledger entries, never dropped.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import posixpath
@@ -44,22 +45,45 @@ def read_sources(input_uri: str) -> tuple[list[dict], list[Failure]]:
     `source` is the path as the manifest writes it (relative to a searched folder for folder input); it names
     the video in keys, records and the ledger. `uri` is where workers read it.
     """
-    fs, path = filesystem_and_path(input_uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"input {input_uri} does not exist; give a manifest file or a folder of videos")
+    fs, path, info = _open_input(input_uri)
     base = input_uri if is_uri(input_uri) else path
     if info.type == pafs.FileType.Directory:
-        return _folder_rows(fs, path, base), []
+        return [{"source": name, "uri": posixpath.join(base, name), "caption": ""}
+                for name in _folder_videos(fs, path)], []
     table = _read_table(fs, path)
     return _manifest_rows(table, input_uri, posixpath.dirname(base))
 
 
-def _folder_rows(fs: pafs.FileSystem, path: str, base: str) -> list[dict]:
+def corpus_sha256(input_uri: str) -> str:
+    """What decides the corpus's clips, short of reading every video: a manifest's bytes (its rows name the videos;
+    a changed video gets a new name or a new manifest), or a folder's video names and sizes (a folder grows, loses
+    or replaces videos without any manifest saying so). Sizes, not times: a copied corpus is the same corpus."""
+    fs, path, info = _open_input(input_uri)
+    digest = hashlib.sha256()
+    if info.type == pafs.FileType.Directory:
+        for name, size in _folder_videos(fs, path).items():
+            digest.update(f"{name}\0{size}\n".encode())
+    else:
+        with fs.open_input_stream(path) as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _open_input(input_uri: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
+    fs, path = filesystem_and_path(input_uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input {input_uri} does not exist; give a manifest file or a folder of videos")
+    return fs, path, info
+
+
+def _folder_videos(fs: pafs.FileSystem, path: str) -> dict[str, int]:
+    """Video files under a folder, searched recursively: relative name -> size, in name order."""
     found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    names = sorted(f.path[len(path):].lstrip("/") for f in found
-                   if f.type == pafs.FileType.File and posixpath.splitext(f.path)[1].lower() in VIDEO_EXTENSIONS)
-    return [{"source": name, "uri": posixpath.join(base, name), "caption": ""} for name in names]
+    videos = {f.path[len(path):].lstrip("/"): f.size for f in found
+              if f.type == pafs.FileType.File and posixpath.splitext(f.path)[1].lower() in VIDEO_EXTENSIONS}
+    return dict(sorted(videos.items()))
 
 
 def _read_table(fs: pafs.FileSystem, path: str) -> pa.Table:

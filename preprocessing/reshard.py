@@ -22,7 +22,8 @@ from webdataset import TarWriter
 
 from exvideo.ray_setup import ensure_ray, ordered_quiet_data
 from preprocessing.config import ReshardConfig
-from exvideo.outputs import claim_output, file_sha256, recording_run, write_run_manifest
+from exvideo.digests import file_sha256
+from exvideo.outputs import claim_output, recording_run, write_run_manifest
 from preprocessing.shards import (
     INDEX_SCHEMA, member_bytes, read_sample_entries, sample_spans, shard_stats, write_table_atomic,
 )

@@ -16,8 +16,8 @@ import ray
 from tqdm import tqdm
 
 from preprocessing.config import PreprocessConfig
-from exvideo.families import checkpoint_family
-from preprocessing.encode import ENCODERS, ENTRY_COLUMNS, encoder_fingerprint, resolve_device
+from exvideo.families import checkpoint_family, encoder_fingerprint
+from preprocessing.encode import ENCODERS, ENTRY_COLUMNS, resolve_device
 from preprocessing.ledger import Failure
 from preprocessing.manifest import read_sources
 from exvideo.outputs import claim_output, recording_run, write_run_manifest

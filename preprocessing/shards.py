@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from webdataset import TarWriter
 
-from exvideo.outputs import file_sha256, write_atomic
+from exvideo.digests import file_sha256
+from exvideo.outputs import write_atomic
 from preprocessing.ledger import LEDGER_SCHEMA, Failure
 
 TAR_BLOCK = 512

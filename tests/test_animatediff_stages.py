@@ -26,7 +26,8 @@ from pipelines.train import TrainConfig, run_training
 from pipelines.train.data import list_shards, rank_stream
 from pipelines.train.loop import weights_fingerprint
 from preprocessing.config import PreprocessConfig
-from preprocessing.encode import TextClipEncoder, encoder_fingerprint
+from exvideo.families import encoder_fingerprint
+from preprocessing.encode import TextClipEncoder
 from preprocessing.prepare import prepare_source
 from tests.test_preprocess_pipeline import BROKEN, read_tars
 

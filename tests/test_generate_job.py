@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
 
 import decord
 import numpy as np
@@ -131,6 +133,24 @@ def test_rerun_skips_finished_rows_and_redoes_only_unfinished_ones(first_run, jo
         "Videos of different configurations never mix: write to a new output folder, or delete those rows' files "
         "(videos/<id>.*) to make them again\n")
     assert {p.name: p.read_bytes() for p in videos.glob("*.json")} == records  # nothing made or touched
+
+
+def test_a_model_rewritten_in_place_changes_the_jobs_identity(tmp_path, tiny_svd_dir, monkeypatch):
+    """The model's bytes, not only its path, decide the videos: finished rows made with the old weights are then
+    refused as another configuration's (as the params.steps change above)."""
+    from exvideo import tiny_svd_components
+    from exvideo.outputs import changed_fields
+    from pipelines.generate.config import GenerateJobConfig
+    from pipelines.generate.job import job_identity
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = shutil.copytree(tiny_svd_dir, tmp_path / "model")
+    cfg = GenerateJobConfig(input=tmp_path / "rows.jsonl", output=tmp_path / "out", model=model)
+    before = job_identity(cfg, "svd")
+    assert job_identity(cfg, "svd") == before
+    tiny_svd_components(seed=1).vae.save_pretrained(model / "vae")
+    (changed,) = changed_fields(before, job_identity(cfg, "svd"))
+    assert re.fullmatch(r"model_sha256: '[0-9a-f]{64}' -> '[0-9a-f]{64}'", changed)
 
 
 def test_job_errors_name_the_bad_setting(job_inputs, tiny_svd_dir, capsys):

@@ -19,7 +19,8 @@ import webdataset as wds
 
 from exvideo.samples import decode_sample
 from preprocessing.config import PreprocessConfig
-from preprocessing.encode import ClipEncoder, encoder_fingerprint
+from exvideo.families import encoder_fingerprint
+from preprocessing.encode import ClipEncoder
 from exvideo.outputs import OutputMismatchError
 from preprocessing.config import ReshardConfig
 from preprocessing.reshard import run_reshard

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from exvideo import load_adapter, load_unet, post_tuning_loss
+from exvideo import load_adapter, load_unet, post_tuning_loss, tiny_svd_components
 from exvideo.adapter import read_adapter
 from exvideo.samples import ClipRecord, LatentClip, collate, encode_sample
 from pipelines.train import TrainConfig, run_training
@@ -194,12 +195,11 @@ def test_stopped_then_killed_run_resumes_exactly(straight, tmp_path):
 
 def test_a_run_folder_refuses_another_configuration_but_not_more_steps(tmp_path, tiny_svd_dir):
     from exvideo.outputs import OutputMismatchError, write_run_manifest
-    from pipelines.train.run import TrainResult
+    from pipelines.train.run import TrainResult, run_identity
 
     write_shards(tmp_path / "s", num_shards=1, per_shard=2)
     cfg = config(tmp_path, tiny_svd_dir, tmp_path / "s")
-    identity = cfg.output_fields(exclude={"storage_path", "name", "max_steps"})
-    write_run_manifest(cfg.run_dir, "run.json", identity, stage="train", status="complete", steps=4)
+    write_run_manifest(cfg.run_dir, "run.json", run_identity(cfg), stage="train", status="complete", steps=4)
     finished = TrainResult(run_dir=cfg.run_dir, checkpoint_dir=cfg.run_dir / "checkpoint-00000004",
                            adapter=cfg.run_dir / "adapter.safetensors", best_adapter=None, mlflow_run_id="r",
                            steps=4, final_loss=0.5)
@@ -210,6 +210,13 @@ def test_a_run_folder_refuses_another_configuration_but_not_more_steps(tmp_path,
                                                   r"changed: lr: 0.001 -> 0.002; seed: 0 -> 1\. .*give the run "
                                                   r"another name or storage_path \(raising max_steps alone continues"):
         run_training(cfg.model_copy(update={"lr": 2e-3, "seed": 1}))
+    # The same config on a base model rewritten in place (another UNet under the same path) is another run.
+    model = shutil.copytree(tiny_svd_dir, tmp_path / "model")
+    write_run_manifest(cfg.run_dir, "run.json", run_identity(cfg.model_copy(update={"svd_dir": model})),
+                       stage="train", status="complete", steps=4)
+    tiny_svd_components(seed=1).unet.save_pretrained(model / "unet")
+    with pytest.raises(OutputMismatchError, match=r"changed: unet_sha256: '[0-9a-f]{64}' -> '[0-9a-f]{64}'\."):
+        run_training(cfg.model_copy(update={"svd_dir": model}))
 
 
 def test_a_worker_group_larger_than_the_local_ray_is_refused_before_the_run_starts(tmp_path, tiny_svd_dir,

@@ -1,14 +1,16 @@
 """The workflow: spec validation, stage keys, cross-stage checks, resume after a failure in train, lineage and the
 demo (the Ray Jobs API and a cluster of several nodes: test_cluster.py).
 
-One real workflow run (tiny sizes) is shared by the module: `exvideo demo`, which first fails in train (the model
-lost its UNet), is fixed and resumed; later tests rerun its spec and read its MLflow store.
+One real workflow run (tiny sizes) is shared by the module: `exvideo demo`, which first fails in train (it asks
+for more CPUs than there are), is fixed and resumed; later tests rerun its spec and read its MLflow store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -99,8 +101,6 @@ def test_ctrl_c_ends_the_workflow_run_killed_and_the_command_with_130(tmp_path, 
 
 
 def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(tmp_path, tiny_svd_dir, capsys):
-    import os
-
     from exvideo.storage import hold_folder
 
     corpus = tmp_path / "corpus.json"
@@ -126,8 +126,16 @@ OPERATIONAL_CHANGES = {
 }
 
 
-def keyed(tmp_path: Path, changes: dict) -> dict[str, str]:
-    data = spec_data(tmp_path, tmp_path / "m.json", tmp_path / "model")
+def keyed(tmp_path: Path, changes: dict, corpus: Path | None = None, model: Path | None = None) -> dict[str, str]:
+    if corpus is None:
+        corpus = tmp_path / "m.json"
+        corpus.write_text("[]")
+    if model is None:  # only what the keys read: the family's index and its encoders' folders
+        model = tmp_path / "model"
+        for component in ("vae", "image_encoder", "feature_extractor"):
+            (model / component).mkdir(parents=True, exist_ok=True)
+        (model / "model_index.json").write_text('{"_class_name": "StableVideoDiffusionPipeline"}')
+    data = spec_data(tmp_path, corpus, model)
     data["reshard"] = {"shuffle_seed": 0}
     for stage, fields in changes.items():
         data[stage] = {**data[stage], **fields}
@@ -151,6 +159,72 @@ def test_operational_fields_leave_every_stage_key_unchanged(tmp_path, stage):
 def test_output_fields_rekey_their_stage_and_those_after_it(tmp_path, stage, change, rekeyed):
     before, after = keyed(tmp_path, {}), keyed(tmp_path, {stage: change})
     assert [name for name in before if before[name] != after[name]] == rekeyed
+
+
+def test_the_inputs_content_keys_every_stage_and_their_place_or_times_do_not(tmp_path, tiny_svd_dir, monkeypatch):
+    """A folder corpus that gains or replaces a video, or a model rewritten in place, rekeys the stages that read
+    it; the same model in another folder, files only touched, and files that are not part of the input keep every
+    key."""
+    import os
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    corpus, model = tmp_path / "videos", tmp_path / "model"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "sub" / "a.mp4").write_bytes(b"a" * 10)
+    shutil.copytree(tiny_svd_dir, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    first = keyed(tmp_path, {}, corpus, model)
+
+    def changed(since: dict[str, str]) -> list[str]:
+        now = keyed(tmp_path, {}, corpus, model)
+        return [stage for stage in now if now[stage] != since[stage]]
+
+    for touched in (corpus / "sub" / "a.mp4", weights):
+        os.utime(touched, ns=(1, 1))
+    (corpus / "notes.txt").write_text("not a video")
+    (model / ".exvideo.lock").write_text("a lock is not part of the model")
+    assert changed(first) == []
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(model, moved)
+    assert keyed(tmp_path, {}, corpus, moved) == first
+    # Other weights of the same size: the UNet's rekey the stages that read it, the VAE's every stage.
+    for component, rekeyed in (("unet", ["train", "generate", "evaluate"]), ("vae", list(first))):
+        rewritten = model / component / "diffusion_pytorch_model.safetensors"
+        data = bytearray(rewritten.read_bytes())
+        data[-1] ^= 1
+        rewritten.write_bytes(bytes(data))
+        assert changed(first) == rekeyed, component
+        shutil.copy(moved / component / rewritten.name, rewritten)
+        assert changed(first) == []
+    (corpus / "b.mp4").write_bytes(b"b" * 10)  # the folder gained a video
+    assert changed(first) == list(first)
+    grown = keyed(tmp_path, {}, corpus, model)
+    (corpus / "b.mp4").write_bytes(b"c" * 11)  # and replaced it
+    assert changed(grown) == list(first)
+
+
+def test_a_folder_digest_reads_each_file_once_until_it_is_rewritten(tmp_path, monkeypatch):
+    from exvideo.digests import cache_file, folder_sha256
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "w.bin").write_bytes(b"1234")
+    (folder / "model_index.json").write_text("{}")
+    digest = folder_sha256(folder)
+    cached = json.loads(cache_file().read_text())
+    assert sorted(cached) == [str(folder / "model_index.json"), str(folder / "unet" / "w.bin")]
+    # Same size and time: taken from the cache, not read (as make and git decide a file is unchanged).
+    stat = (folder / "unet" / "w.bin").stat()
+    (folder / "unet" / "w.bin").write_bytes(b"5678")
+    os.utime(folder / "unet" / "w.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert folder_sha256(folder) == digest
+    os.utime(folder / "unet" / "w.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # rewritten: read again
+    assert folder_sha256(folder) != digest
+    # A cache that cannot be written (a read-only home) costs a rereading, never a wrong digest.
+    monkeypatch.setenv("XDG_CACHE_HOME", "/proc/no-cache-here")
+    (folder / "unet" / "w.bin").write_bytes(b"1234")
+    assert folder_sha256(folder) == digest
 
 
 def test_every_stage_config_declares_its_operational_fields():
@@ -216,20 +290,18 @@ def demo(workdir: Path, *overrides: str) -> tuple[int, str]:
 def workflow(tmp_path_factory, tiny_svd_dir):
     """The demo, first failing in train and then resumed: one real workflow run that the module's tests share.
 
-    The demo writes its model only when the folder has none, so a copy of the session's tiny model without its
-    UNet goes there first: preprocessing reads only the VAE and the image encoder, so the UNet's absence shows
-    first in train. The spec the demo ran is written out for the tests that rerun it with `exvideo run`.
+    The first run asks each training worker for more CPUs than the local Ray has, so train is refused after
+    preprocess finished; the rerun asks for fewer (an operational field: same keys), and the unfinished train stage
+    continues in its own folder. A copy of the session's tiny model saves the demo writing its own. The spec the
+    demo ran is written out for the tests that rerun it with `exvideo run`.
     """
     root = tmp_path_factory.mktemp("workflow")
     workdir = root / "demo"
     model = shutil.copytree(tiny_svd_dir, workdir / "tiny-svd")
-    shutil.move(model / "unet", root / "unet-aside")
-    assert demo(workdir)[0] == 2
+    assert demo(workdir, "train.cpus_per_worker=64")[0] == 2
     preprocess = stage_folder(workdir, "preprocess")
     failed = {"preprocess": mtimes(preprocess), "train_marker": list(workdir.glob(f"train-*/{MARKER}")),
               "train_folders": sorted(workdir.glob("train-*"))}
-    shutil.move(root / "unet-aside", model / "unet")
-    # Resumed with other operational values: the unfinished train stage continues in its own folder.
     code, printed = demo(workdir, "train.log_every=2", "train.cpus_per_worker=0.5")
     assert code == 0, printed[-3000:]
     spec = load_spec(DEMO_SPEC, [f"workdir={workdir}", f"corpus={workdir / 'corpus' / 'metadata.json'}",

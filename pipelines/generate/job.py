@@ -29,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 from exvideo import checkpoint_family
-from exvideo.outputs import OutputMismatchError, changed_fields, file_sha256
+from exvideo.digests import file_sha256, folder_sha256
+from exvideo.outputs import OutputMismatchError, changed_fields
 from exvideo.speed_options import compiles_on
 from exvideo.storage import check_writable, require_dir
 from exvideo.ray_setup import add_count, ensure_ray, format_per_node, node_id
@@ -142,9 +143,10 @@ class VideoMaker:
 
 
 def job_identity(cfg: GenerateJobConfig, family: str) -> dict:
-    """What decides every row's video besides the row itself: the model, the adapter's bytes and the job's
+    """What decides every row's video besides the row itself: the model's and the adapter's bytes and the job's
     settings (the listing, the output folder and the rows' parameters are per row)."""
     return {**cfg.output_fields(exclude={"input", "output", "params", "adapter"}), "family": family,
+            "model_sha256": folder_sha256(cfg.model),
             "adapter_sha256": file_sha256(cfg.adapter) if cfg.adapter else None}
 
 

@@ -19,6 +19,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from exvideo.console import verbose
+from exvideo.digests import folder_sha256
 from exvideo.outputs import claim_output, recording_run, write_run_manifest
 from exvideo.ray_setup import check_capacity, ensure_ray, format_per_node
 from exvideo.storage import check_writable
@@ -120,6 +121,14 @@ def _fit_interruptibly(trainer: TorchTrainer, cfg: TrainConfig):
             signal.signal(signal.SIGINT, handler)
 
 
+def run_identity(cfg: TrainConfig) -> dict:
+    """What decides the adapter: the output fields and the UNet's bytes. Another value is another run; raising
+    max_steps continues a run (the schedule does not depend on it)."""
+    unet = Path(cfg.svd_dir) / "unet"
+    return {**cfg.output_fields(exclude={"storage_path", "name", "max_steps"}),
+            "unet_sha256": folder_sha256(unet if unet.is_dir() else cfg.svd_dir)}
+
+
 def run_training(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) the run `cfg.storage_path / cfg.name`; return where its outputs are.
 
@@ -137,9 +146,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     if cfg.model_family == "animatediff" and cfg.cond_dropout:
         raise ValueError(f"cond_dropout {cfg.cond_dropout} drops SVD's image conditioning; AnimateDiff post-tuning "
                          "keeps every caption (its base already learned the unconditional branch): set it to 0")
-    # What decides the adapter: another value is another run. Raising max_steps continues a run (the schedule does
-    # not depend on it).
-    identity = cfg.output_fields(exclude={"storage_path", "name", "max_steps"})
+    identity = run_identity(cfg)
     claim_output(cfg.run_dir, RUN_MANIFEST, identity, remedy="give the run another name or storage_path (raising "
                                                               "max_steps alone continues it), or delete this one")
     finished = cfg.run_dir / RESULT_FILE
