@@ -134,6 +134,18 @@ def test_rerun_skips_finished_rows_and_redoes_only_unfinished_ones(first_run, jo
         "(videos/<id>.*) to make them again\n")
     assert {p.name: p.read_bytes() for p in videos.glob("*.json")} == records  # nothing made or touched
 
+    # An image replaced under the same path: the row that reads it would now make another video.
+    image = job_inputs["root"] / "images" / "b.jpg"
+    kept_image = image.read_bytes()
+    PIL.Image.new("RGB", (64, 64), (200, 10, 10)).save(image)
+    try:
+        assert _run(job_inputs) == 2
+    finally:
+        image.write_bytes(kept_image)
+    assert re.search(r"holds videos of 1 row\(s\) made with another configuration: seeded \(images_sha256: "
+                     r"\['[0-9a-f]{64}'\] -> \['[0-9a-f]{64}'\]\)", capsys.readouterr().err)
+    assert {p.name: p.read_bytes() for p in videos.glob("*.json")} == records
+
 
 def test_a_model_rewritten_in_place_changes_the_jobs_identity(tmp_path, tiny_svd_dir, monkeypatch):
     """The model's bytes, not only its path, decide the videos: finished rows made with the old weights are then

@@ -151,9 +151,13 @@ def job_identity(cfg: GenerateJobConfig, family: str) -> dict:
 
 
 def row_identity(request: Request, job: dict) -> dict:
-    """What decides one row's video: the job's identity, the row's image or prompt and its parameters."""
+    """What decides one row's video: the job's identity, the row's image or prompt, its parameters, and the bytes of
+    each image it reads (its first frame, its keyframes): an image replaced under the same path makes another video.
+    (An image that is not there has no digest; making the row says so.)"""
     params = request.params.model_dump(mode="json")
-    return {**job, "image": request.image, "prompt": request.prompt, **{f"params.{k}": v for k, v in params.items()}}
+    images = [image for image in (request.image, *request.params.frames.values()) if image]
+    return {**job, "image": request.image, "prompt": request.prompt, **{f"params.{k}": v for k, v in params.items()},
+            "images_sha256": [file_sha256(image) if Path(image).is_file() else None for image in images]}
 
 
 def _triage(cfg: GenerateJobConfig, family: str) -> tuple[list[tuple[Request, dict]], list[str], list[dict]]:
