@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from exvideo.ray_setup import ray_target, require_reachable
-from exvideo.storage import is_missing
+from exvideo.storage import hold_folder, is_missing
 
 if TYPE_CHECKING:
     from exvideo.config import StageConfig
@@ -129,9 +129,12 @@ def run_train(run: StageRun) -> Outcome:
     from pipelines.train import run_training
 
     spec, shards = run.spec, run.shards()
-    result = run_training(run.config(
-        "train", svd_dir=spec.model, family=spec.family, shards=shards, storage_path=run.folder, name="train",
-        tracking_uri=spec.resolved_tracking_uri, experiment=spec.experiment, ray_address=spec.ray_address))
+    cfg = run.config("train", svd_dir=spec.model, family=spec.family, shards=shards, storage_path=run.folder,
+                     name="train", tracking_uri=spec.resolved_tracking_uri, experiment=spec.experiment,
+                     ray_address=spec.ray_address)
+    # The run folder too, which `exvideo train` holds (not the stage folder): one pointed there is refused.
+    with hold_folder(cfg.run_dir, "the train stage of exvideo run"):
+        result = run_training(cfg)
     outputs = {"adapter": str(result.adapter), "run_dir": str(result.run_dir), "steps": result.steps,
                "final_loss": result.final_loss}
     return outputs, result.mlflow_run_id, {"lineage.shards": shards}

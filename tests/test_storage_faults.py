@@ -114,3 +114,20 @@ def test_a_stage_command_on_a_folder_another_command_holds_is_refused(stage, tmp
     assert said.startswith(f"exvideo {stage}: error: {output} is in use by exvideo preprocess (pid {os.getpid()} on ")
     assert said.endswith("; wait for it to end, or give this command another folder\n")
     assert [p.name for p in output.iterdir()] == [LOCK]  # nothing else made
+
+
+def test_the_workflows_train_stage_refuses_a_run_folder_exvideo_train_holds(tmp_path, synthetic_corpus,
+                                                                            tiny_svd_dir):
+    """`exvideo train` pointed at a workflow's train folder holds its run folder, not the stage folder the runner
+    holds: the runner's train stage holds the run folder too, so the two never write one run."""
+    from orchestration.spec import validate_spec
+    from orchestration.stages import STAGE, StageRun
+
+    spec = validate_spec({"workdir": str(tmp_path / "work"), "corpus": str(synthetic_corpus),
+                          "model": str(tiny_svd_dir)})
+    folder = tmp_path / "work" / "train-key"
+    with hold_folder(folder / "train", "exvideo train"):
+        with pytest.raises(FileExistsError, match=rf"^{folder / 'train'} is in use by exvideo train \(pid "):
+            STAGE["train"].run(StageRun(spec, folder, {"preprocess": {"shards": str(tmp_path)}}, "parent"))
+    assert [p.name for p in (folder / "train").iterdir()] == [LOCK]  # nothing else made
+
