@@ -9,12 +9,11 @@ file is unchanged: a file is read again only once it has been rewritten.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
-
-from exvideo.outputs import write_atomic
 
 # Above this many bytes still to read, a folder's digest shows a progress bar (a full-size checkpoint's first time).
 PROGRESS_BYTES = 1 << 30
@@ -59,11 +58,16 @@ def folder_sha256(folder: str | os.PathLike) -> str:
     for file in files:
         digest.update(f"{file.relative_to(folder).as_posix()}\0{cache[str(file)][2]}\n".encode())
     if stale:
+        # Commands share the cache: each writes its own temporary file and renames it, so a reader sees one
+        # writer's whole file (a concurrent update may be lost, which costs a rereading, never a wrong digest).
+        tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(cache_path, json.dumps(cache).encode())
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_path)
         except OSError:  # a read-only home: the digest is right, only the next one reads the files again
-            pass
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     return digest.hexdigest()
 
 

@@ -214,6 +214,7 @@ def test_a_folder_digest_reads_each_file_once_until_it_is_rewritten(tmp_path, mo
     digest = folder_sha256(folder)
     cached = json.loads(cache_file().read_text())
     assert sorted(cached) == [str(folder / "model_index.json"), str(folder / "unet" / "w.bin")]
+    assert [p.name for p in cache_file().parent.iterdir()] == ["file-digests.json"]  # no temporary file left
     # Same size and time: taken from the cache, not read (as make and git decide a file is unchanged).
     stat = (folder / "unet" / "w.bin").stat()
     (folder / "unet" / "w.bin").write_bytes(b"5678")
