@@ -62,6 +62,11 @@ def ensure_ray(address: str | None = None) -> None:
     handlers = list(ray_logger.handlers)
     if not sys.stdout.isatty():  # the workers' lines go to a file or a pipe (a job's log): no colour codes in them
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if target == "local":
+        # A Ray on this machine alone has no cloud to announce a preemption: Ray Train's watcher would cost an actor
+        # per run and print a restart warning about it as an error (ray#53727). Its controller reads this variable
+        # from the driver's environment.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # The dashboard serves the state API, which Ray Train's placement-group cleaner polls every second until it
     # sees the training controller gone: without it the detached cleaner never learns and polls forever, one more
     # busy actor per training run.
