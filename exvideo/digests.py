@@ -34,7 +34,7 @@ def cache_file() -> Path:
     return Path(root) / "exvideo" / "file-digests.json"
 
 
-def folder_files(folder: Path) -> list[Path]:
+def _folder_files(folder: Path) -> list[Path]:
     """The folder's files, recursively, in path order; hidden files and folders (locks, a download tool's own
     metadata) are left out, as they are not part of what the folder holds."""
     return sorted(p for p in folder.rglob("*")
@@ -44,20 +44,30 @@ def folder_files(folder: Path) -> list[Path]:
 def folder_sha256(folder: str | os.PathLike) -> str:
     """Hex sha256 of every file's relative path and bytes under `folder` (hidden ones left out)."""
     folder = Path(folder).resolve()
-    files = folder_files(folder)
+    files = _folder_files(folder)
+    digests = cached_sha256(files, progress=f"digesting {folder} (once; cached)")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(folder).as_posix()}\0{digests[file]}\n".encode())
+    return digest.hexdigest()
+
+
+def cached_sha256(files: list[Path], progress: str = "digesting files (once; cached)") -> dict[Path, str]:
+    """`file_sha256` of each file, read only where the cache has no entry for its path, size and time."""
     cache_path = cache_file()
     try:
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):
         cache = {}
-    stats = {file: file.stat() for file in files}
+    names = {file: str(Path(file).resolve()) for file in files}
+    stats = {file: os.stat(file) for file in files}
     stale = [file for file in files
-             if cache.get(str(file), [None])[:2] != [stats[file].st_size, stats[file].st_mtime_ns]]
-    _hash_into(cache, stale, stats, folder)
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file.relative_to(folder).as_posix()}\0{cache[str(file)][2]}\n".encode())
+             if cache.get(names[file], [None])[:2] != [stats[file].st_size, stats[file].st_mtime_ns]]
+    _hash_into(cache, stale, names, stats, progress)
     if stale:
+        # Entries of files that are gone are dropped, so the cache holds what exists, not every path ever digested.
+        current = set(names.values())
+        cache = {name: entry for name, entry in cache.items() if name in current or os.path.exists(name)}
         # Commands share the cache: each writes its own temporary file and renames it, so a reader sees one
         # writer's whole file (a concurrent update may be lost, which costs a rereading, never a wrong digest).
         tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
@@ -65,21 +75,22 @@ def folder_sha256(folder: str | os.PathLike) -> str:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(cache))
             os.replace(tmp, cache_path)
-        except OSError:  # a read-only home: the digest is right, only the next one reads the files again
+        except OSError:  # a read-only home: the digests are right, only the next call reads the files again
             with contextlib.suppress(OSError):
                 tmp.unlink()
-    return digest.hexdigest()
+    return {file: cache[names[file]][2] for file in files}
 
 
-def _hash_into(cache: dict, files: list[Path], stats: dict[Path, os.stat_result], folder: Path) -> None:
+def _hash_into(cache: dict, files: list[Path], names: dict[Path, str], stats: dict[Path, os.stat_result],
+               progress: str) -> None:
     total = sum(stats[file].st_size for file in files)
     bar = None
     if total > PROGRESS_BYTES:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"digesting {folder} (once; cached)")
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=progress)
     for file in files:
-        cache[str(file)] = [stats[file].st_size, stats[file].st_mtime_ns, file_sha256(file)]
+        cache[names[file]] = [stats[file].st_size, stats[file].st_mtime_ns, file_sha256(file)]
         if bar is not None:
             bar.update(stats[file].st_size)
     if bar is not None:

@@ -2,8 +2,8 @@
 
 A stage's key hashes its config's output fields (the section's fields less the operational ones and the wired
 paths; `exvideo.config`) and its inputs' keys (the corpus's and model's content for the first stages, the upstream
-stages' keys after that). Operational changes (worker counts, devices, speed switches, logging) therefore keep every key: a
-finished stage is reused, an unfinished one resumes in its folder with the new values. Its output folder is
+stages' keys after that). Operational changes (worker counts, devices, speed switches, logging) therefore keep
+every key: a finished stage is reused, an unfinished one resumes in its folder with the new values. Its output folder is
 `<workdir>/<stage>-<key>`; a `_complete.json` marker, written atomically after everything else, records its
 outputs. A marker means "done": the stage is skipped. No marker means "not done": the stage runs again in the same
 folder, and since every stage resumes from what it left there, a failed stage continues where it stopped.

@@ -223,8 +223,14 @@ def test_a_folder_digest_reads_each_file_once_until_it_is_rewritten(tmp_path, mo
     os.utime(folder / "unet" / "w.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # rewritten: read again
     assert folder_sha256(folder) != digest
     # A cache that cannot be written (a read-only home) costs a rereading, never a wrong digest.
+    # Entries of files that are gone leave the cache at its next write.
+    (folder / "unet" / "w.bin").unlink()
+    (folder / "model_index.json").write_text("{ }")
+    folder_sha256(folder)
+    assert sorted(json.loads(cache_file().read_text())) == [str(folder / "model_index.json")]
     monkeypatch.setenv("XDG_CACHE_HOME", "/proc/no-cache-here")
     (folder / "unet" / "w.bin").write_bytes(b"1234")
+    (folder / "model_index.json").write_text("{}")
     assert folder_sha256(folder) == digest
 
 

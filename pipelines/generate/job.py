@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from exvideo import checkpoint_family
-from exvideo.digests import file_sha256, folder_sha256
+from exvideo.digests import cached_sha256, file_sha256, folder_sha256
 from exvideo.outputs import OutputMismatchError, changed_fields
 from exvideo.speed_options import compiles_on
 from exvideo.storage import check_writable, require_dir
@@ -150,14 +150,18 @@ def job_identity(cfg: GenerateJobConfig, family: str) -> dict:
             "adapter_sha256": file_sha256(cfg.adapter) if cfg.adapter else None}
 
 
-def row_identity(request: Request, job: dict) -> dict:
+def _images(request: Request) -> list[str]:
+    """The images a row reads: its first frame and its keyframes."""
+    return [image for image in (request.image, *request.params.frames.values()) if image]
+
+
+def row_identity(request: Request, job: dict, image_digests: dict[Path, str]) -> dict:
     """What decides one row's video: the job's identity, the row's image or prompt, its parameters, and the bytes of
-    each image it reads (its first frame, its keyframes): an image replaced under the same path makes another video.
-    (An image that is not there has no digest; making the row says so.)"""
+    each image it reads (`image_digests`): an image replaced under the same path makes another video. (An image
+    that is not there has no digest; making the row says so.)"""
     params = request.params.model_dump(mode="json")
-    images = [image for image in (request.image, *request.params.frames.values()) if image]
     return {**job, "image": request.image, "prompt": request.prompt, **{f"params.{k}": v for k, v in params.items()},
-            "images_sha256": [file_sha256(image) if Path(image).is_file() else None for image in images]}
+            "images_sha256": [image_digests.get(Path(image)) for image in _images(request)]}
 
 
 def _triage(cfg: GenerateJobConfig, family: str) -> tuple[list[tuple[Request, dict]], list[str], list[dict]]:
@@ -166,7 +170,7 @@ def _triage(cfg: GenerateJobConfig, family: str) -> tuple[list[tuple[Request, di
     in one folder."""
     rows = read_rows(cfg.input)
     job = job_identity(cfg, family)
-    pending, done, failures, seen, changed = [], [], [], set(), []
+    checked, pending, done, failures, seen, changed = [], [], [], [], set(), []
     for number, row in enumerate(rows, start=1):
         request = check_row(row, number, cfg.input.parent, cfg.params, cfg.text_to_image is not None, family)
         if request.reason is None and request.id in seen:
@@ -175,7 +179,11 @@ def _triage(cfg: GenerateJobConfig, family: str) -> tuple[list[tuple[Request, di
             failures.append({"id": request.id, "stage": "check", "reason": request.reason})
             continue
         seen.add(request.id)
-        identity = row_identity(request, job)
+        checked.append(request)
+    # All at once, through the digest cache: a rerun of a large listing reads only the images that changed.
+    image_digests = cached_sha256(sorted({Path(i) for r in checked for i in _images(r) if Path(i).is_file()}))
+    for request in checked:
+        identity = row_identity(request, job, image_digests)
         record = record_path(cfg.output, request.id)
         if not record.is_file():
             pending.append((request, identity))
