@@ -4,7 +4,7 @@
 `is_missing` and `require_dir` are how a command refuses a local input that is not there before it starts anything.
 
 A command holds each folder it writes for as long as it runs (`hold_folder`): a second command on the same folder (a
-scheduler firing twice) is refused rather than both writing the same files.
+scheduler firing twice) is refused rather than both writing the same files. `folder_holder` tells who holds one.
 
 A stage that writes its outputs checks the folder is writable before any work (`check_writable`), and wraps its
 writes in `storage_errors`, which turns the operating system's ENOSPC / EROFS / EACCES into a `StorageError` naming
@@ -97,6 +97,24 @@ def hold_folder(folder: str | os.PathLike, holder: str) -> Iterator[None]:
                      f"{datetime.now(timezone.utc).isoformat(timespec='seconds')})")
         handle.flush()
         yield
+
+
+def folder_holder(folder: str | os.PathLike) -> str | None:
+    """Who holds `folder` (the text `hold_folder` wrote: command, pid, host, start), or None when no command does.
+
+    Creates nothing. On a free folder the probe holds the lock for an instant, shared, so a command taking the folder
+    at that very instant may be refused once and asked to retry; a lock held for minutes is what this is for.
+    """
+    lock = Path(folder) / LOCK
+    if is_uri(str(folder)) or not lock.is_file():
+        return None
+    with open(lock) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another command"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 
 
 def as_storage_error(exc: OSError, folder: str | os.PathLike, what: str, needed_bytes: int | None = None) -> OSError:

@@ -53,6 +53,14 @@ def _run_workflow(args: argparse.Namespace) -> int:
     from orchestration.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
+    if args.plan:
+        if args.address:
+            raise ValueError("--plan reads the stage folders on this machine; run it where the workdir is, "
+                             "without --address")
+        from orchestration.runner import plan_workflow
+
+        print(plan_workflow(spec, start=args.start, only=args.only))
+        return 0
     stage_args = [*(["--from", args.start] if args.start else []), *(["--only", args.only] if args.only else [])]
     if args.address:
         with stage_log(None, libraries=("ray",)):  # the cluster runs the stages: no model library here
@@ -106,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "the logs; default: run here with Ray started in-process")
     workflow.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a spec field (train.max_steps=10)")
+    workflow.add_argument("--plan", action="store_true",
+                          help="only say what the run would do: each stage's state (done, unfinished, new, in use) "
+                               "and action (skip, run, resume, redo); runs nothing")
     workflow.set_defaults(func=_run_workflow)
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random checkpoint (SVD or AnimateDiff) in "

@@ -8,6 +8,7 @@ every key: a finished stage is reused, an unfinished one resumes in its folder w
 outputs. A marker means "done": the stage is skipped. No marker means "not done": the stage runs again in the same
 folder, and since every stage resumes from what it left there, a failed stage continues where it stopped.
 Changing a stage's fields (or an upstream stage's) gives it a new key and a new folder; old folders stay.
+`plan_workflow` (`exvideo run --plan`) says what a run would do, stage by stage, without doing any of it.
 
 MLflow: one parent run per invocation, tagged with every stage's key and output folder, and one nested run per stage
 that ran, carrying lineage tags (the shards that trained an adapter, the adapter that made the videos, ...).
@@ -26,7 +27,7 @@ from exvideo.console import WORKFLOW_LOG, stage_log
 from exvideo.digests import folder_sha256
 from exvideo.families import encoder_fingerprint
 from exvideo.ray_setup import ray_target, require_reachable
-from exvideo.storage import hold_folder, is_missing, require_dir
+from exvideo.storage import folder_holder, hold_folder, is_missing, require_dir
 from orchestration.spec import WorkflowSpec
 from orchestration.stages import STAGE, StageRun
 from preprocessing.manifest import corpus_sha256
@@ -104,8 +105,8 @@ def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None 
     """
     selected = select_stages(spec, start, only)
     check_inputs(spec)
-    keys = stage_keys(spec)
-    records = [StageRecord(name, key, spec.workdir / f"{name}-{key}") for name, key in keys.items()]
+    records = _records(spec)
+    keys = {record.name: record.key for record in records}
     with hold_folder(spec.workdir, "exvideo run"), stage_log(spec.workdir, WORKFLOW_LOG):
         from orchestration import tracking
 
@@ -122,16 +123,59 @@ def run_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None 
     return records
 
 
-def check_inputs(spec: WorkflowSpec) -> None:
-    """Refuse a run whose model or local corpus is not there, or whose Ray cluster does not answer, before any
-    folder is made. (Not at spec load: a spec submitted through the Jobs API names paths and an address on the
-    cluster, which the submitting machine may not have or reach.)"""
+def _records(spec: WorkflowSpec) -> list[StageRecord]:
+    return [StageRecord(name, key, spec.workdir / f"{name}-{key}") for name, key in stage_keys(spec).items()]
+
+
+def check_sources(spec: WorkflowSpec) -> None:
+    """Refuse a spec whose model or local corpus is not there: the stage keys are made of their content."""
     require_dir(spec.model, "model")
     if is_missing(spec.corpus):
         raise FileNotFoundError(f"corpus {spec.corpus} does not exist; point the spec's corpus at a video manifest "
                                 "or a folder of videos")
+
+
+def check_inputs(spec: WorkflowSpec) -> None:
+    """Refuse a run whose model or local corpus is not there, or whose Ray cluster does not answer, before any
+    folder is made. (Not at spec load: a spec submitted through the Jobs API names paths and an address on the
+    cluster, which the submitting machine may not have or reach.)"""
+    check_sources(spec)
     if any(STAGE[stage].needs_ray for stage in spec.stages):
         require_reachable(ray_target(spec.ray_address))
+
+
+def _action(done: bool, selected: bool, forcing: bool) -> str:
+    """What an invocation does with a stage: skip it (done), redo it (done, and selected by --from / --only), run
+    it (not done: in its folder, so an unfinished one resumes), or stop (not done and not selected)."""
+    if done:
+        return "redo" if forcing and selected else "skip"
+    return "run" if selected else "stop"
+
+
+def plan_workflow(spec: WorkflowSpec, start: str | None = None, only: str | None = None) -> str:
+    """What `run_workflow` with these arguments would do, without doing it: each stage's state (done, unfinished,
+    new; in use by a running command) and action. Reads the workdir only: makes no folder, starts no Ray, opens no
+    MLflow run."""
+    selected = select_stages(spec, start, only)
+    check_sources(spec)
+    lines = [f"plan for {spec.workdir} (nothing is run):"]
+    holder = folder_holder(spec.workdir)
+    if holder:
+        lines.append(f"  the workdir is in use by {holder}: exvideo run is refused until it ends")
+    records, ended = _records(spec), False  # ended: the run stops before the stages after this one
+    for number, record in enumerate(records, 1):
+        done = read_marker(record.folder) is not None
+        state = "done" if done else "unfinished" if record.folder.is_dir() else "new"
+        action = "-" if ended else _action(done, record.name in selected, bool(start or only))
+        notes = [f"in use by {holder}"] if (holder := folder_holder(record.folder)) else []
+        if action == "run" and state == "unfinished":
+            action = "resume"
+        elif action == "stop":
+            notes.append(f"not done: run it first with --from {record.name}")
+        ended = ended or action == "stop" or record.name == only
+        lines.append(f"  [{number}/{len(records)}] {record.name:<10} {state:<10} {action:<6} {record.folder}"
+                     + "".join(f" ({note})" for note in notes))
+    return "\n".join(lines)
 
 
 def _run_records(spec: WorkflowSpec, records: list[StageRecord], selected: list[str], forcing: bool,
@@ -140,14 +184,14 @@ def _run_records(spec: WorkflowSpec, records: list[StageRecord], selected: list[
     upstream: dict[str, dict] = {}
     for number, record in enumerate(records, 1):
         marker = read_marker(record.folder)
-        if marker and forcing and record.name in selected:
+        action = _action(marker is not None, record.name in selected, forcing)
+        if action == "redo":
             (record.folder / MARKER).unlink()
-            marker = None
-        if marker:
+        if action == "skip":
             record.status, record.outputs = "skipped", marker["outputs"]
             record.mlflow_run_id = marker["mlflow_run_id"]
             print(f"[{number}/{len(records)}] {record.name}: done before, skipped ({record.folder})")
-        elif record.name not in selected:
+        elif action == "stop":
             record.status = "not selected"
             raise ValueError(f"{record.name} has not completed for this spec (no {record.folder / MARKER}); "
                              f"run it first: exvideo run SPEC --from {record.name}")

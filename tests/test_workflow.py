@@ -306,15 +306,25 @@ def workflow(tmp_path_factory, tiny_svd_dir):
     workdir = root / "demo"
     model = shutil.copytree(tiny_svd_dir, workdir / "tiny-svd")
     assert demo(workdir, "train.cpus_per_worker=64")[0] == 2
-    preprocess = stage_folder(workdir, "preprocess")
-    failed = {"preprocess": mtimes(preprocess), "train_marker": list(workdir.glob(f"train-*/{MARKER}")),
-              "train_folders": sorted(workdir.glob("train-*"))}
-    code, printed = demo(workdir, "train.log_every=2", "train.cpus_per_worker=0.5")
-    assert code == 0, printed[-3000:]
     spec = load_spec(DEMO_SPEC, [f"workdir={workdir}", f"corpus={workdir / 'corpus' / 'metadata.json'}",
                                  f"model={model}", *DEMO_SHRINK])
     written = write_spec(root / "spec.yaml", spec.model_dump(mode="json", exclude_none=True))
+    preprocess = stage_folder(workdir, "preprocess")
+    failed = {"preprocess": mtimes(preprocess), "train_marker": list(workdir.glob(f"train-*/{MARKER}")),
+              "train_folders": sorted(workdir.glob("train-*")), "files": mtimes(workdir)}
+    failed["plan"] = plan(written)
+    failed["files_after_plan"] = mtimes(workdir)
+    code, printed = demo(workdir, "train.log_every=2", "train.cpus_per_worker=0.5")
+    assert code == 0, printed[-3000:]
     return {"spec": written, "workdir": workdir, "failed": failed, "printed": printed}
+
+
+def plan(spec: Path, *args: str) -> list[tuple[str, str, str, str]]:
+    """`exvideo run SPEC --plan *args`: each stage's (name, state, action, rest of the line)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", str(spec), "--plan", *args]) == 0
+    return re.findall(r"^  \[\d/4\] (\w+) +(\w+) +(\S+) +(.*)$", printed.getvalue(), re.M)
 
 
 def test_demo_runs_the_whole_workflow_and_says_where_everything_is(workflow):
@@ -409,6 +419,42 @@ def test_only_redoes_one_stage_in_its_folder(workflow, capsys):
     assert "[4/4] evaluate: running in" in out and out.count("done before, skipped") == 3
     assert (evaluate / MARKER).stat().st_mtime_ns > marker_before
     assert {stage: mtimes(stage_folder(workdir, stage)) for stage in upstream} == upstream
+
+
+def test_the_plan_of_a_failed_run_says_train_resumes_and_makes_nothing(workflow):
+    workdir, failed = workflow["workdir"], workflow["failed"]
+    assert [line[:3] for line in failed["plan"]] == [
+        ("preprocess", "done", "skip"), ("train", "unfinished", "resume"), ("generate", "new", "run"),
+        ("evaluate", "new", "run")]
+    # The folders the plan names are the ones the resumed run used.
+    assert [line[3] for line in failed["plan"]] == [str(stage_folder(workdir, stage)) for stage in
+                                                    ("preprocess", "train", "generate", "evaluate")]
+    assert failed["files_after_plan"] == failed["files"]
+
+
+def test_the_plan_of_a_finished_run_follows_from_only_changes_and_holders(workflow):
+    from exvideo.storage import hold_folder
+
+    spec, workdir = workflow["spec"], workflow["workdir"]
+    before = mtimes(workdir)
+    assert [line[1:3] for line in plan(spec)] == [("done", "skip")] * 4
+    assert [line[1:3] for line in plan(spec, "--from", "train")] == [("done", "skip")] + [("done", "redo")] * 3
+    assert [line[1:3] for line in plan(spec, "--only", "generate")] == [
+        ("done", "skip"), ("done", "skip"), ("done", "redo"), ("done", "-")]
+    assert [line[1:3] for line in plan(spec, "--set", "train.lr=0.002")] == [
+        ("done", "skip"), ("new", "run"), ("new", "run"), ("new", "run")]
+    assert [line[1:3] for line in plan(spec, "--set", "train.log_every=7")] == [("done", "skip")] * 4
+    assert mtimes(workdir) == before and len(list(workdir.glob("train-*"))) == 1  # the plans made nothing
+
+    printed = io.StringIO()
+    with hold_folder(workdir, "exvideo run"), hold_folder(stage_folder(workdir, "generate"), "exvideo generate"), \
+            contextlib.redirect_stdout(printed):
+        assert main(["run", str(spec), "--plan"]) == 0
+    said = printed.getvalue()
+    assert f"the workdir is in use by exvideo run (pid {os.getpid()} on " in said
+    assert re.search(rf"generate +done +skip +\S+ \(in use by exvideo generate \(pid {os.getpid()} on ", said)
+    assert said.count("in use by") == 2
+    assert main(["run", str(spec), "--plan", "--address", "http://127.0.0.1:8265"]) == 2
 
 
 # Last: it leaves a second generate and evaluate folder, which the tests above would not expect.
