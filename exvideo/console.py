@@ -53,7 +53,8 @@ def _reaches_a_listed_ancestor(logger: logging.Logger) -> bool:
 @contextlib.contextmanager
 def stage_log(folder: Path | None, name: str = STAGE_LOG, libraries: tuple[str, ...] = LIBRARIES) -> Iterator[None]:
     """Inside the block, the libraries' records go to `folder/name` (nowhere with no folder); their consoles show
-    warnings and errors only (everything, with `--verbose`). Levels and handlers are restored after the block.
+    warnings and errors only (everything, with `--verbose`). Levels and handlers are restored after the block. A
+    block that raises ends the file with the error and its traceback (one line for Ctrl-C).
 
     `libraries` are imported first (see `_create_library_handlers`): a command that uses fewer of them (submitting a
     job uses Ray alone) names those, and saves the seconds the model libraries take to import.
@@ -80,6 +81,10 @@ def stage_log(folder: Path | None, name: str = STAGE_LOG, libraries: tuple[str, 
                 console.setLevel(max(console.level, console_level))
     try:
         yield
+    except BaseException as exc:
+        if handler is not None:  # the console shows the error; the log file must say why the stage ended too
+            handler.handle(_ending_record(exc))
+        raise
     finally:
         for logger, level, consoles in saved:
             if handler is not None:
@@ -89,6 +94,16 @@ def stage_log(folder: Path | None, name: str = STAGE_LOG, libraries: tuple[str, 
                 console.setLevel(console_level)
         if handler is not None:
             handler.close()
+
+
+def _ending_record(exc: BaseException) -> logging.LogRecord:
+    """The log record of a block ended by `exc`: one line for Ctrl-C, the error with its traceback otherwise."""
+    if isinstance(exc, KeyboardInterrupt):
+        return logging.makeLogRecord({"name": "exvideo", "levelno": logging.ERROR, "levelname": "ERROR",
+                                      "msg": "stopped by Ctrl-C (KeyboardInterrupt)"})
+    return logging.makeLogRecord({"name": "exvideo", "levelno": logging.ERROR, "levelname": "ERROR",
+                                  "msg": f"failed: {type(exc).__name__}: {exc}",
+                                  "exc_info": (type(exc), exc, exc.__traceback__)})
 
 
 def _create_library_handlers(libraries: tuple[str, ...]) -> None:

@@ -5,9 +5,14 @@ libraries' own console handlers are the real ones and Ray starts here."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from exvideo.console import stage_log
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,3 +54,15 @@ def test_informational_records_go_to_the_stage_log_and_alarms_stay_on_the_consol
     for name in ("ray.train", "mlflow", "transformers"):
         assert f"{name} note" in console and f"{name} alarm" in console, console
     assert "ray.train note" in (tmp_path / "verbose" / "stage.log").read_text()
+
+
+def test_a_block_that_raises_ends_its_log_with_why(tmp_path):
+    with pytest.raises(ValueError), stage_log(tmp_path / "failed", libraries=()):
+        raise ValueError("the disk is on fire")
+    filed = (tmp_path / "failed" / "stage.log").read_text()
+    assert re.search(r"^\S+ \S+ ERROR exvideo: failed: ValueError: the disk is on fire\nTraceback ", filed, re.M), filed
+    assert filed.rstrip().endswith("ValueError: the disk is on fire")
+    with pytest.raises(KeyboardInterrupt), stage_log(tmp_path / "stopped", libraries=()):
+        raise KeyboardInterrupt
+    filed = (tmp_path / "stopped" / "stage.log").read_text()
+    assert filed.endswith("ERROR exvideo: stopped by Ctrl-C (KeyboardInterrupt)\n") and filed.count("\n") == 1

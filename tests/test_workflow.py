@@ -344,6 +344,9 @@ def test_demo_runs_the_whole_workflow_and_says_where_everything_is(workflow):
 def test_failed_train_resumes_without_redoing_preprocessing(workflow, capsys):
     workdir = workflow["workdir"]
     assert workflow["failed"]["train_marker"] == []  # the failed stage left no completion marker
+    # Its log and the workflow's say why it failed, as the console did.
+    for log in (stage_folder(workdir, "train") / "stage.log", workdir / "workflow.log"):
+        assert "ERROR exvideo: failed: ValueError: training needs 64 CPU (the cluster has 2)" in log.read_text()
     preprocess = stage_folder(workdir, "preprocess")
     assert mtimes(preprocess) == workflow["failed"]["preprocess"]  # untouched by the resumed run
     assert sorted(workdir.glob("train-*")) == workflow["failed"]["train_folders"] == [stage_folder(workdir, "train")]
