@@ -83,7 +83,10 @@ def stage_log(folder: Path | None, name: str = STAGE_LOG, libraries: tuple[str, 
         yield
     except BaseException as exc:
         if handler is not None:  # the console shows the error; the log file must say why the stage ended too
-            handler.handle(_ending_record(exc))
+            # Written, not emitted: logging would print its own traceback on the console where a full disk refuses it.
+            with contextlib.suppress(OSError), handler.lock:
+                handler.stream.write(handler.format(_ending_record(exc)) + handler.terminator)
+                handler.flush()
         raise
     finally:
         for logger, level, consoles in saved:
@@ -93,7 +96,8 @@ def stage_log(folder: Path | None, name: str = STAGE_LOG, libraries: tuple[str, 
             for console, console_level in consoles:
                 console.setLevel(console_level)
         if handler is not None:
-            handler.close()
+            with contextlib.suppress(OSError):  # a full disk refuses the buffered lines; the block's own error stays
+                handler.close()
 
 
 def _ending_record(exc: BaseException) -> logging.LogRecord:

@@ -131,3 +131,15 @@ def test_the_workflows_train_stage_refuses_a_run_folder_exvideo_train_holds(tmp_
             STAGE["train"].run(StageRun(spec, folder, {"preprocess": {"shards": str(tmp_path)}}, "parent"))
     assert [p.name for p in (folder / "train").iterdir()] == [LOCK]  # nothing else made
 
+
+
+def test_a_stage_log_on_a_full_disk_lets_the_stages_own_error_through(small_disk, capfd):
+    from exvideo.console import stage_log
+
+    folder = small_disk / "stage"
+    with pytest.raises(StorageError, match="no room"), stage_log(folder, libraries=()):
+        with pytest.raises(OSError):
+            (small_disk / "filler").write_bytes(b"x" * 64 * 1024)  # the disk is full from here on
+        # As a stage's storage_errors raises it; the log's last line cannot be written.
+        raise StorageError(28, "no room")
+    assert "Logging error" not in capfd.readouterr().err  # no traceback of the logging module on the console
