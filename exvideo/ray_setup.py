@@ -41,6 +41,16 @@ def require_reachable(target: str, timeout_s: float = 10.0) -> None:
                               "unset to start a local Ray") from None
 
 
+def plain_worker_lines() -> None:
+    """Where this process's output is a file or a pipe (a job's log), the workers' lines Ray prints there carry no
+    colour codes: no coloured prefix, and no deduplication, whose "[repeated Nx across cluster]" summary Ray colours
+    whatever RAY_COLOR_PREFIX says (a log file gets each worker's line instead). Ray reads RAY_DEDUP_LOGS when it
+    is imported: a command calls this first."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Use the Ray already initialised in this process, else connect or start one as the module docstring says.
 
@@ -60,8 +70,7 @@ def ensure_ray(address: str | None = None) -> None:
     # vanish, so they are put back.
     ray_logger = logging.getLogger("ray")
     handlers = list(ray_logger.handlers)
-    if not sys.stdout.isatty():  # the workers' lines go to a file or a pipe (a job's log): no colour codes in them
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    plain_worker_lines()
     if target == "local":
         # A Ray on this machine alone has no cloud to announce a preemption: Ray Train's watcher would cost an actor
         # per run and print a restart warning about it as an error (ray#53727). Its controller reads this variable

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from exvideo.config import ConfigError, StageConfig, field_table, load_config
 from exvideo.console import VERBOSE_ENV, stage_log
+from exvideo.ray_setup import plain_worker_lines
 from exvideo.storage import StorageError, hold_folder
 from orchestration.stages import STAGE, STAGES, resolve
 
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    plain_worker_lines()  # before anything imports Ray
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"

@@ -19,13 +19,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # Each library's logger says one informational thing and one thing a user must see, inside `stage_log`, after
 # `ensure_ray` started a local Ray (which drops the "ray" logger's handlers) when the first argument says so.
 PROBE = """
-import logging, sys
+import logging, sys, time
 from pathlib import Path
+from exvideo.ray_setup import plain_worker_lines
+plain_worker_lines()  # as the exvideo command does first
 from exvideo.console import stage_log
 with stage_log(Path(sys.argv[1])):
     if sys.argv[2] == "ray":
+        import ray
         from exvideo.ray_setup import ensure_ray
         ensure_ray()
+        # Four workers' alike line, which Ray would otherwise summarise as "[repeated 3x across cluster]" in colour.
+        ray.get([ray.remote(lambda: print("a worker's line")).remote() for _ in range(4)])
+        time.sleep(3)  # the workers' lines reach the driver through Ray's log monitor
     for name, loud in (("ray.train", logging.WARNING), ("mlflow", logging.WARNING), ("transformers", logging.ERROR)):
         logging.getLogger(name).info(f"{name} note")
         logging.getLogger(name).log(loud, f"{name} alarm")
@@ -49,6 +55,8 @@ def test_informational_records_go_to_the_stage_log_and_alarms_stay_on_the_consol
     for name in ("ray.train", "mlflow", "transformers"):
         assert f"INFO {name}: {name} note" in filed and f" {name}: {name} alarm" in filed, filed
     assert filed.count("ray.train alarm") == 1  # once, although the handler was put back after Ray started
+    # The console is a pipe here, as a job's log is a file: every worker's line, and no colour codes.
+    assert console.count("a worker's line") == 4 and "\x1b[" not in console, console
 
     console = probe(tmp_path / "verbose", ray=False, verbose=True)
     for name in ("ray.train", "mlflow", "transformers"):
