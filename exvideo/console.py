@@ -102,11 +102,10 @@ def stage_log(folder: Path | None, name: str = STAGE_LOG, libraries: tuple[str, 
 
 def _ending_record(exc: BaseException) -> logging.LogRecord:
     """The log record of a block ended by `exc`: one line for Ctrl-C, the error with its traceback otherwise."""
+    record = {"name": "exvideo", "levelno": logging.ERROR, "levelname": "ERROR"}
     if isinstance(exc, KeyboardInterrupt):
-        return logging.makeLogRecord({"name": "exvideo", "levelno": logging.ERROR, "levelname": "ERROR",
-                                      "msg": "stopped by Ctrl-C (KeyboardInterrupt)"})
-    return logging.makeLogRecord({"name": "exvideo", "levelno": logging.ERROR, "levelname": "ERROR",
-                                  "msg": f"failed: {type(exc).__name__}: {exc}",
+        return logging.makeLogRecord({**record, "msg": "stopped by Ctrl-C (KeyboardInterrupt)"})
+    return logging.makeLogRecord({**record, "msg": f"failed: {type(exc).__name__}: {exc}",
                                   "exc_info": (type(exc), exc, exc.__traceback__)})
 
 
